@@ -1,0 +1,288 @@
+"""HydraLoRA tuner layer: a thin module around :mod:`peft_hydra.functional`.
+
+Per adapter (every container is keyed by the adapter name and carries the ``hydra_`` prefix):
+
+- ``hydra_A[name]``: ``nn.Linear(in, r)`` (``in -> N*r`` with ``share_a=False``), the shared down-projection;
+- ``hydra_B[name]``: ONE parameter of shape ``(out, N, r)``: head i is ``hydra_B[name][:, i]``;
+- ``hydra_router[name]``: ``nn.Linear(in or r, N, bias=False)``, only when N > 1 and the gates are learned;
+- ``hydra_gates[name]``: a (non-saved) buffer with the fixed gates, only with ``fixed_gates``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional, Sequence
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils.other import transpose
+from torch import nn
+
+from . import functional as HF
+from .config import HydraLoraConfig
+
+
+def no_exact_merge_message(adapter: str, num_experts: int) -> str:
+    return (
+        f"Cannot merge HydraLoRA adapter '{adapter}': it routes every token through its own mix of {num_experts} "
+        "heads, so no single weight matrix equals it. Pass fixed gates, e.g. "
+        f"`merge_and_unload(gates=[1/{num_experts}]*{num_experts})` or the mean gates from "
+        "`model.router_stats()`, which merges sum_i g_i B_i A (an approximation of the routed model); "
+        "or export a plain LoRA with `peft_hydra.export_lora(model, gates=...)`; or keep the adapter unmerged."
+    )
+
+
+class HydraLoraLayer(BaseTunerLayer):
+    adapter_layer_names: tuple[str, ...] = ("hydra_A", "hydra_B", "hydra_router")
+    other_param_names: tuple[str, ...] = (
+        "r",
+        "lora_alpha",
+        "scaling",
+        "num_experts",
+        "hydra_dropout",
+        "hydra_gates",
+        "router_input",
+        "top_k",
+        "router_temperature",
+    )
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.num_experts: dict[str, int] = {}
+        self.router_input: dict[str, str] = {}
+        self.top_k: dict[str, Optional[int]] = {}
+        self.router_temperature: dict[str, float] = {}
+        self.hydra_dropout = nn.ModuleDict({})
+        self.hydra_A = nn.ModuleDict({})
+        self.hydra_B = nn.ParameterDict({})
+        self.hydra_router = nn.ModuleDict({})
+        self.hydra_gates = BufferDict({}, persistent=False)
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._merged_gates: dict[str, torch.Tensor] = {}
+        self.cast_input_dtype_enabled = True
+        # Router outputs of the last forward (for the balance loss) and running statistics; never saved.
+        self._router_out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._router_acc: dict[str, list[torch.Tensor]] = {}
+        self.kwargs = kwargs
+        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: HydraLoraConfig, **kwargs) -> None:
+        if r < 1:
+            raise ValueError(f"`r` must be a positive integer, got {r} for adapter '{adapter_name}'.")
+        n = config.num_experts
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if config.use_rslora else r)
+        self.num_experts[adapter_name] = n
+        self.router_input[adapter_name] = config.router_input
+        self.top_k[adapter_name] = config.top_k
+        self.router_temperature[adapter_name] = float(config.router_temperature)
+        self.hydra_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+
+        a_rows = r if config.share_a else n * r
+        self.hydra_A[adapter_name] = nn.Linear(self.in_features, a_rows, bias=False)
+        self.hydra_B[adapter_name] = nn.Parameter(torch.zeros(self.out_features, n, r))
+        if config.has_router:
+            router_in = self.in_features if config.router_input == "x" else a_rows
+            self.hydra_router[adapter_name] = nn.Linear(router_in, n, bias=False)
+        elif n > 1:
+            self.hydra_gates[adapter_name] = torch.tensor(config.gate_vector(), dtype=torch.float32)
+        self.reset_hydra_parameters(adapter_name, config.init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def reset_hydra_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
+        """A Kaiming-uniform (as LoRA's A); B zero (identity start) or, with ``init_weights=False``, random."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.hydra_A[adapter_name].weight, a=math.sqrt(5))
+            B = self.hydra_B[adapter_name]
+            if init_weights:
+                B.zero_()
+            else:
+                bound = 1.0 / math.sqrt(B.shape[-1])
+                B.uniform_(-bound, bound)
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def _adapter_delta(self, adapter: str, x: torch.Tensor, record: bool = True) -> torch.Tensor:
+        A = self.hydra_A[adapter].weight
+        x = self._cast_input_dtype(x, A.dtype)
+        router = self.hydra_router[adapter].weight if adapter in self.hydra_router else None
+        delta, gates, probs = HF.hydra_delta(
+            x,
+            A,
+            self.hydra_B[adapter],
+            self.scaling[adapter],
+            router_weight=router,
+            fixed_gates=self.hydra_gates[adapter] if adapter in self.hydra_gates else None,
+            router_input=self.router_input[adapter],
+            top_k=self.top_k[adapter],
+            temperature=self.router_temperature[adapter],
+            dropout=self.hydra_dropout[adapter],
+        )
+        if record and probs is not None:
+            self._record_router(adapter, probs, gates)
+        return delta
+
+    def _record_router(self, adapter: str, probs: torch.Tensor, gates: torch.Tensor) -> None:
+        self._router_out[adapter] = (probs, gates)
+        if torch.compiler.is_compiling():
+            return  # running statistics are eager-only; the balance loss above works compiled too
+        with torch.no_grad():
+            g = gates.detach().reshape(-1, gates.shape[-1]).float()
+            ent = HF.gate_entropy(probs.detach()).sum().float()
+            acc = self._router_acc.get(adapter)
+            if acc is None:
+                self._router_acc[adapter] = [g.sum(0), ent, g.new_full((), float(g.shape[0]))]
+            else:
+                acc[0] += g.sum(0)
+                acc[1] += ent
+                acc[2] += g.shape[0]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        result_dtype = result.dtype
+        for adapter in self.active_adapters:
+            if adapter in self.hydra_A:
+                result = result + self._adapter_delta(adapter, x).to(result_dtype)
+        return result
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str], **kwargs: Any):
+        if len(adapter_names) != len(x):
+            raise ValueError(
+                f"`adapter_names` has {len(adapter_names)} entries but the batch has {len(x)} samples: give one "
+                "adapter name (or '__base__') per sample."
+            )
+        if self.merged:
+            raise ValueError("Cannot pass `adapter_names` while adapters are merged: call `unmerge_adapter()` first.")
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter in set(adapter_names):
+            if adapter == "__base__" or adapter not in self.hydra_A:
+                continue
+            index = [i for i, name in enumerate(adapter_names) if name == adapter]
+            result[index] += self._adapter_delta(adapter, x[index], record=False).to(result.dtype)
+        return result
+
+    # ------------------------------------------------------------------------------------------------ merge
+    def _fixed_gates(self, adapter: str, gates: Optional[Sequence[float] | torch.Tensor]) -> torch.Tensor:
+        B = self.hydra_B[adapter]
+        n = B.shape[1]
+        if gates is None:
+            if adapter in self.hydra_router:
+                raise ValueError(no_exact_merge_message(adapter, n))
+            if n == 1:
+                return torch.ones(1, device=B.device, dtype=B.dtype)
+            return self.hydra_gates[adapter]
+        gates = torch.as_tensor(gates, dtype=torch.float32).to(B.device).flatten()
+        if gates.numel() != n or not torch.isfinite(gates).all():
+            raise ValueError(f"`gates` must be {n} finite numbers (one per head) for adapter '{adapter}', got {gates}.")
+        return gates
+
+    def get_delta_weight(self, adapter: str, gates: Optional[Sequence[float] | torch.Tensor] = None) -> torch.Tensor:
+        """``scaling * sum_i g_i B_i A`` in the base weight's layout; exact for N = 1 or fixed gates."""
+        g = self._fixed_gates(adapter, gates)
+        A = self.hydra_A[adapter].weight
+        B = self.hydra_B[adapter]
+        dtype = B.dtype
+        if A.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+            A, B = A.float(), B.float()
+        delta = HF.delta_weight(A, B, g.to(B.device), self.scaling[adapter])
+        return transpose(delta, self.fan_in_fan_out).to(dtype)
+
+    def merge(
+        self,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+        gates: Optional[Sequence[float] | torch.Tensor] = None,
+    ) -> None:
+        """Merge ``scaling * sum_i g_i B_i A`` into W0. Without ``gates`` only N = 1 or fixed-gate adapters merge."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for adapter in adapter_names:
+            if adapter not in self.hydra_A:
+                continue
+            g = self._fixed_gates(adapter, gates)
+            delta = self.get_delta_weight(adapter, g)
+            new_weight = base.weight.data + delta.to(base.weight.dtype)
+            if safe_merge and not torch.isfinite(new_weight).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+            base.weight.data = new_weight
+            self._merged_gates[adapter] = g
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.hydra_A:
+                g = self._merged_gates.pop(adapter)
+                base.weight.data -= self.get_delta_weight(adapter, g).to(base.weight.dtype)
+
+    # ---------------------------------------------------------------------------------------- router output
+    def router_stats(self, adapter: str) -> Optional[dict[str, Any]]:
+        """Mean gate per head and mean entropy over the tokens seen since the last reset (None: no data)."""
+        acc = self._router_acc.get(adapter)
+        if acc is None:
+            return None
+        tokens = acc[2].clamp_min(1)
+        return {"mean_gate": (acc[0] / tokens).tolist(), "entropy": float(acc[1] / tokens), "tokens": int(acc[2])}
+
+    def reset_router_stats(self) -> None:
+        self._router_acc.clear()
+
+    def aux_loss(self, adapter: str) -> Optional[torch.Tensor]:
+        """Balance loss of the last forward for ``adapter`` (None without a router or forward)."""
+        out = self._router_out.get(adapter)
+        if out is None:
+            return None
+        return HF.load_balancing_loss(out[0], out[1], self.top_k[adapter])
+
+    def clear_router_outputs(self) -> None:
+        self._router_out.clear()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._router_out.pop(adapter_name, None)
+        self._router_acc.pop(adapter_name, None)
+
+
+class Linear(nn.Module, HydraLoraLayer):
+    """HydraLoRA on ``nn.Linear`` (and on GPT-2's ``Conv1D`` with ``fan_in_fan_out=True``)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: HydraLoraConfig,
+        r: int,
+        lora_alpha: float,
+        fan_in_fan_out: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        HydraLoraLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha, config)
+
+    forward = HydraLoraLayer.forward  # nn.Module comes first in the MRO
+
+    def __repr__(self) -> str:
+        return "hydralora." + super().__repr__()

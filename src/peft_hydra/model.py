@@ -1,0 +1,240 @@
+"""`HydraLoraModel`: HydraLoRA as a PEFT ``BaseTuner``."""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from typing import Any, Optional, Sequence
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_tuner_state_dict_key_prefixes
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.other import get_pattern_key
+from torch import nn
+
+from .config import LLAMA_LIKE_MODEL_TYPES, LLAMA_LIKE_TARGET_MODULES, HydraLoraConfig
+from .layer import HydraLoraLayer, Linear
+
+TARGET_MODULE_MAPPING = {
+    **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    **{model_type: list(LLAMA_LIKE_TARGET_MODULES) for model_type in LLAMA_LIKE_MODEL_TYPES},
+}
+
+
+class HydraLoraModel(BaseTuner):
+    """Wraps a model with HydraLoRA layers. Use it through PEFT::
+
+        import peft_hydra
+        from peft import get_peft_model
+        model = get_peft_model(base, peft_hydra.HydraLoraConfig(r=8, lora_alpha=16, num_experts=3))
+
+    Beyond PEFT's tuner API it offers :meth:`hydra_aux_loss` (the load-balancing loss of the last forward),
+    :meth:`router_stats` / :meth:`reset_router_stats` (mean gate per head and entropy per layer), and
+    ``merge_and_unload(gates=...)`` / ``merge_adapter(gates=...)`` for merging with fixed gates.
+    """
+
+    prefix: str = "hydra_"
+    tuner_layer_cls = HydraLoraLayer
+    target_module_mapping = TARGET_MODULE_MAPPING
+
+    def _create_and_replace(
+        self,
+        config: HydraLoraConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: Optional[str] = None,
+    ) -> None:
+        if current_key is None:
+            raise ValueError("current_key must not be None")
+        r_key = get_pattern_key(config.rank_pattern.keys(), current_key)
+        alpha_key = get_pattern_key(config.alpha_pattern.keys(), current_key)
+        r = config.rank_pattern.get(r_key, config.r)
+        alpha = config.alpha_pattern.get(alpha_key, config.lora_alpha)
+        if isinstance(target, HydraLoraLayer):
+            target.update_layer(adapter_name, r, alpha, config)
+            return
+        new_module = self._create_new_module(config, adapter_name, target, r=r, lora_alpha=alpha)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(config: HydraLoraConfig, adapter_name: str, target: nn.Module, **kwargs) -> nn.Module:
+        from transformers.pytorch_utils import Conv1D
+
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base, nn.Linear):
+            if config.fan_in_fan_out:
+                warnings.warn("fan_in_fan_out=True but the target is nn.Linear: setting fan_in_fan_out=False.")
+                config.fan_in_fan_out = False
+            return Linear(target, adapter_name, config, fan_in_fan_out=False, **kwargs)
+        if isinstance(base, Conv1D):
+            if not config.fan_in_fan_out:
+                warnings.warn("The target is a transformers Conv1D (GPT-2 style): setting fan_in_fan_out=True.")
+                config.fan_in_fan_out = True
+            return Linear(target, adapter_name, config, fan_in_fan_out=True, **kwargs)
+        raise TypeError(
+            f"HydraLoRA cannot adapt module {type(base).__name__}: supported are torch.nn.Linear and "
+            "transformers.pytorch_utils.Conv1D. Remove it from target_modules (or use exclude_modules)."
+        )
+
+    def _check_new_adapter_config(self, config: HydraLoraConfig) -> None:
+        super()._check_new_adapter_config(config)
+        config.validate()
+
+    # ------------------------------------------------------------------------------- mixed adapter batches
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode: call model.eval().")
+        known = set(self.peft_config) | {"__base__"}
+        unknown = sorted(set(adapter_names) - known)
+        if unknown:
+            raise ValueError(f"Unknown adapter name(s) {unknown} in `adapter_names`; known: {sorted(known)}.")
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+
+        def pre_hook(module, args, kw):
+            kw["adapter_names"] = adapter_names
+            return args, kw
+
+        handles = [
+            m.register_forward_pre_hook(pre_hook, with_kwargs=True)
+            for m in self.modules()
+            if isinstance(m, HydraLoraLayer)
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # ------------------------------------------------------------------------------------------ merging
+    def merge_adapter(
+        self,
+        adapter_names: Optional[list[str]] = None,
+        safe_merge: bool = False,
+        gates: Optional[Sequence[float] | torch.Tensor] = None,
+    ) -> None:
+        """Merge into the base weights; ``gates`` (N weights) is needed when the adapter has a learned router."""
+        self._check_merge_allowed()
+        for module in self.model.modules():
+            if isinstance(module, HydraLoraLayer):
+                module.merge(safe_merge=safe_merge, adapter_names=adapter_names, gates=gates)
+
+    def merge_and_unload(
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+        gates: Optional[Sequence[float] | torch.Tensor] = None,
+    ) -> nn.Module:
+        """Merge and return the base model. Exact for N = 1 or fixed gates; with a learned router, ``gates``
+        (e.g. uniform, or the mean gates from :meth:`router_stats`) must be given and the result is the model with
+        those gates fixed, an approximation of the routed model."""
+        if gates is None:
+            self._check_exact_merge(adapter_names)
+            return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+        self.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge, gates=gates)
+        return self.unload()
+
+    def _check_exact_merge(self, adapter_names: Optional[list[str]]) -> None:
+        for name in adapter_names or self.active_adapters:
+            config = self.peft_config[name]
+            if config.has_router:
+                from .layer import no_exact_merge_message
+
+                raise ValueError(no_exact_merge_message(name, config.num_experts))
+
+    # ------------------------------------------------------------------------------ router loss and stats
+    def _hydra_layers(self):
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, HydraLoraLayer)]
+
+    def hydra_aux_loss(self, adapter_name: Optional[str] = None) -> torch.Tensor:
+        """``router_aux_loss_coef`` x the mean Switch balance loss over the routed layers, from the last forward.
+
+        Returns a 0-dim tensor (0 when the coefficient is 0 or nothing was routed). Add it to the task loss before
+        ``backward()``; ``peft_hydra.integrations`` does it for ``transformers.Trainer``.
+        """
+        adapter_name = adapter_name or self.active_adapters[0]
+        coef = self.peft_config[adapter_name].router_aux_loss_coef
+        losses = [loss for _, m in self._hydra_layers() if (loss := m.aux_loss(adapter_name)) is not None]
+        if coef == 0 or not losses:
+            device = next((p.device for p in self.parameters()), torch.device("cpu"))
+            return torch.zeros((), device=device)
+        return coef * torch.stack([loss.float() for loss in losses]).mean()
+
+    def router_stats(self, adapter_name: Optional[str] = None) -> dict[str, Any]:
+        """Router statistics since the last :meth:`reset_router_stats`: ``{"layers": {name: {"mean_gate": [N],
+        "entropy": float, "tokens": int}}, "mean_gate": [N] (averaged over layers), "entropy": float}``."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        layers = {}
+        for name, module in self._hydra_layers():
+            stats = module.router_stats(adapter_name)
+            if stats is not None:
+                layers[name] = stats
+        if not layers:
+            return {"layers": {}, "mean_gate": None, "entropy": None}
+        mean_gate = torch.tensor([s["mean_gate"] for s in layers.values()]).mean(0).tolist()
+        entropy = sum(s["entropy"] for s in layers.values()) / len(layers)
+        return {"layers": layers, "mean_gate": mean_gate, "entropy": entropy}
+
+    def reset_router_stats(self) -> None:
+        for _, module in self._hydra_layers():
+            module.reset_router_stats()
+
+    # --------------------------------------------------------------------------------- strict loading
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_adapter_state_dict(model, config, adapter_name, remapped)
+        return remapped
+
+
+def check_adapter_state_dict(model: nn.Module, config: HydraLoraConfig, adapter_name: str, state_dict: dict) -> None:
+    """Refuse a partial or wrongly shaped HydraLoRA checkpoint with an error that says what is wrong.
+
+    PEFT loads adapters with ``strict=False`` and only warns about missing keys; the authors' fork loaded silently
+    non-strict. Here every ``hydra_`` tensor of the adapter must be present with the right shape, and no unknown
+    ``hydra_`` tensor may be left over.
+    """
+    prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+    expected = {
+        k: v.shape
+        for k, v in model.state_dict().items()
+        if ".hydra_" in k and any(k.startswith(p + ".") or k == p for p in prefixes)
+    }
+    strip = "base_model.model."
+    requires_prefix = any(k.startswith(strip) for k in expected)
+    got = {}
+    for k, v in state_dict.items():
+        if ".hydra_" not in k and not k.startswith("hydra_"):
+            continue
+        key = k if requires_prefix or not k.startswith(strip) else k[len(strip) :]
+        got[key] = tuple(v.shape)
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(got) if tuple(expected[k]) != got[k])
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [f"The HydraLoRA checkpoint for adapter '{adapter_name}' does not match its config:"]
+    for title, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            lines.append(f"- {len(keys)} {title} tensor(s), e.g. " + ", ".join(keys[:3]))
+    for k in mismatched[:3]:
+        lines.append(f"- {k}: shape {got[k]} in the checkpoint, {tuple(expected[k])} from the config")
+    lines.append(
+        f"The config says r={config.r}, num_experts={config.num_experts}, share_a={config.share_a}, "
+        f"router_input={config.router_input!r}, fixed_gates={config.fixed_gates!r}, "
+        f"target_modules={sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules}."
+        " Load the adapter with the adapter_config.json it was saved with, on the same base model architecture."
+    )
+    raise ValueError("\n".join(lines))
