@@ -59,6 +59,13 @@ def register() -> None:
     registered = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
     if registered is HydraLoraModel:
         return
+    if registered is not None and _same_origin(registered, HydraLoraModel):
+        # The same module was re-executed (importlib.reload, IPython autoreload): follow the new classes.
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+        PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = HydraLoraConfig
+        PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = HydraLoraModel
+        return
     if registered is not None:
         raise RuntimeError(
             f"PEFT type {PEFT_TYPE_NAME} is already registered to {registered.__module__}.{registered.__qualname__}, "
@@ -67,3 +74,7 @@ def register() -> None:
             "always `import peft_hydra`."
         )
     register_peft_method(name=METHOD_NAME, config_cls=HydraLoraConfig, model_cls=HydraLoraModel, prefix=PREFIX)
+
+
+def _same_origin(a: type, b: type) -> bool:
+    return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)

@@ -1,0 +1,62 @@
+"""Shared tiny-model fixtures (CPU, random weights, no Hub access).
+
+Keep this module small and generic: other test modules (tuner, comparison harness, integrations) use it.
+
+- ``tiny_llama`` / ``tiny_gpt2``: factories returning a fresh, seeded, eval-mode model each call
+  (``tiny_llama(seed=0, **config_overrides)``), so that two calls give two identical base models.
+- ``input_ids``: a small (2, 6) batch of token ids for those models.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import peft_hydra  # noqa: F401  (registers the HYDRALORA PEFT type for every test)
+
+VOCAB = 96
+
+
+def make_tiny_llama(seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
+
+
+def make_tiny_gpt2(seed: int = 0, **overrides):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    kwargs = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**kwargs)).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama
+
+
+@pytest.fixture
+def tiny_gpt2():
+    return make_tiny_gpt2
+
+
+@pytest.fixture
+def input_ids():
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(3, VOCAB, (2, 6), generator=g)
