@@ -1,0 +1,190 @@
+"""Pure math of src/peft_hydra/functional.py against naive per-head reference loops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peft_hydra import functional as HF
+
+torch.set_default_dtype(torch.float32)
+
+
+def reference_delta(x, A, B, scaling, router=None, fixed=None, router_input="x", top_k=None, temperature=1.0):
+    """``scaling * sum_i g_i * B_i @ A_i @ x`` token by token, written as plainly as possible."""
+    out_features, n, r = B.shape
+    lead = x.shape[:-1]
+    xs = x.reshape(-1, x.shape[-1])
+    rows = []
+    for t in range(xs.shape[0]):
+        xt = xs[t]
+        h_shared = A @ xt
+        if router is not None:
+            logits = router @ (xt if router_input == "x" else h_shared)
+            p = torch.softmax(logits / temperature, dim=-1)
+            if top_k is not None and top_k < n:
+                keep = torch.topk(p, top_k).indices
+                mask = torch.zeros(n, dtype=torch.bool)
+                mask[keep] = True
+                p = torch.where(mask, p, torch.zeros_like(p))
+                p = p / p.sum()
+            g = p
+        else:
+            g = fixed if fixed is not None else torch.ones(1)
+        acc = torch.zeros(out_features)
+        for i in range(n):
+            A_i = A if A.shape[0] == r else A[i * r : (i + 1) * r]
+            acc = acc + g[i] * (B[:, i] @ (A_i @ xt))
+        rows.append(scaling * acc)
+    return torch.stack(rows).reshape(*lead, out_features)
+
+
+def make(n, r=3, d_in=7, d_out=5, share_a=True, router_input="x", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(r if share_a else n * r, d_in, generator=g, requires_grad=True)
+    B = torch.randn(d_out, n, r, generator=g, requires_grad=True)
+    router_in = d_in if router_input == "x" else A.shape[0]
+    W = torch.randn(n, router_in, generator=g, requires_grad=True) if n > 1 else None
+    return A, B, W
+
+
+def grads(out, tensors):
+    return torch.autograd.grad(out, [t for t in tensors if t is not None], retain_graph=False)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("share_a", [True, False])
+@pytest.mark.parametrize("lead", [(5,), (2, 4), (2, 3, 2)], ids=["2D", "3D", "4D"])
+def test_hydra_delta_matches_reference_values_and_grads(n, share_a, lead):
+    A, B, W = make(n, share_a=share_a)
+    x = torch.randn(*lead, 7, requires_grad=True)
+    weight = torch.randn(*lead, 5)
+    delta, gates, probs = HF.hydra_delta(x, A, B, 0.5, router_weight=W)
+    ref = reference_delta(x, A, B, 0.5, router=W)
+    assert delta.shape == (*lead, 5)
+    torch.testing.assert_close(delta, ref, rtol=1e-5, atol=1e-5)
+    if n > 1:
+        assert gates.shape == (*lead, n) and probs.shape == (*lead, n)
+    else:
+        assert gates is None and probs is None
+    got = grads((delta * weight).sum(), [A, B, W, x])
+    want = grads((ref * weight).sum(), [A, B, W, x])
+    names = ["A", "B", "router", "x"] if W is not None else ["A", "B", "x"]
+    for name, g1, g2 in zip(names, got, want):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+    # every head gets a gradient of its own (not only the first one)
+    assert all(got[1][:, i].abs().sum() > 0 for i in range(n))
+    if W is not None:
+        assert got[2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("n,top_k", [(3, 1), (4, 2), (4, 3), (3, 3)])
+def test_top_k_gates(n, top_k):
+    A, B, W = make(n, seed=3)
+    x = torch.randn(4, 6, 7)
+    delta, gates, probs = HF.hydra_delta(x, A, B, 1.0, router_weight=W, top_k=top_k)
+    nonzero = (gates > 0).sum(-1)
+    assert torch.equal(nonzero, torch.full_like(nonzero, top_k))
+    torch.testing.assert_close(gates.sum(-1), torch.ones(4, 6))
+    # the kept heads are the k largest router probabilities
+    kept = gates > 0
+    assert (probs[kept].reshape(4, 6, top_k).min(-1).values >= probs.masked_fill(kept, -1).max(-1).values).all()
+    torch.testing.assert_close(delta, reference_delta(x, A, B, 1.0, router=W, top_k=top_k), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(HF.top_k_gates(probs, None), probs)
+
+
+@pytest.mark.parametrize("share_a", [True, False])
+def test_router_input_a_routes_on_a_x(share_a):
+    A, B, W = make(3, share_a=share_a, router_input="a", seed=5)
+    x = torch.randn(2, 4, 7)
+    delta, gates, probs = HF.hydra_delta(x, A, B, 1.0, router_weight=W, router_input="a")
+    torch.testing.assert_close(probs, torch.softmax(x @ A.T @ W.T, dim=-1))
+    torch.testing.assert_close(delta, reference_delta(x, A, B, 1.0, router=W, router_input="a"), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError):  # a router of the wrong width cannot be silently used on x
+        HF.hydra_delta(x, A, B, 1.0, router_weight=W, router_input="x")
+
+
+@pytest.mark.parametrize("temperature", [0.25, 1.0, 4.0])
+def test_temperature(temperature):
+    A, B, W = make(3, seed=7)
+    x = torch.randn(6, 7)
+    _, _, probs = HF.hydra_delta(x, A, B, 1.0, router_weight=W, temperature=temperature)
+    torch.testing.assert_close(probs, torch.softmax((x @ W.T) / temperature, dim=-1))
+    delta, _, _ = HF.hydra_delta(x, A, B, 1.0, router_weight=W, temperature=temperature)
+    ref = reference_delta(x, A, B, 1.0, router=W, temperature=temperature)
+    torch.testing.assert_close(delta, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_lower_temperature_sharpens():
+    A, B, W = make(4, seed=8)
+    x = torch.randn(32, 7)
+    ent = [HF.gate_entropy(HF.router_probs(x, W, t)).mean() for t in (0.3, 1.0, 3.0)]
+    assert ent[0] < ent[1] < ent[2]
+
+
+def test_fixed_gates_match_reference():
+    A, B, _ = make(3, seed=9)
+    x = torch.randn(2, 5, 7)
+    fixed = torch.tensor([0.2, 0.5, 0.3])
+    delta, gates, probs = HF.hydra_delta(x, A, B, 2.0, fixed_gates=fixed)
+    assert probs is None and gates is fixed
+    torch.testing.assert_close(delta, reference_delta(x, A, B, 2.0, fixed=fixed), rtol=1e-5, atol=1e-5)
+
+
+def test_mix_heads_requires_gates_for_several_heads():
+    with pytest.raises(ValueError, match="gates are required"):
+        HF.mix_heads(torch.randn(2, 3), None, torch.randn(4, 2, 3))
+
+
+def test_gates_are_fp32_with_bf16_inputs():
+    A, B, W = make(3, seed=11)
+    A, B, W = (t.detach().bfloat16() for t in (A, B, W))
+    x = torch.randn(2, 4, 7, dtype=torch.bfloat16)
+    delta, gates, probs = HF.hydra_delta(x, A, B, 1.0, router_weight=W, top_k=2)
+    assert probs.dtype == torch.float32 and gates.dtype == torch.float32
+    assert delta.dtype == torch.bfloat16
+    torch.testing.assert_close(gates.sum(-1), torch.ones(2, 4))
+
+
+@pytest.mark.parametrize("share_a", [True, False])
+def test_delta_weight_equals_dense_per_token_delta(share_a):
+    A, B, _ = make(3, share_a=share_a, seed=13)
+    fixed = torch.tensor([0.6, 0.1, 0.3])
+    x = torch.randn(2, 5, 7)
+    W_delta = HF.delta_weight(A, B, fixed, 0.75)
+    assert W_delta.shape == (5, 7)
+    torch.testing.assert_close(x @ W_delta.T, reference_delta(x, A, B, 0.75, fixed=fixed), rtol=1e-5, atol=1e-5)
+    delta, _, _ = HF.hydra_delta(x, A, B, 0.75, fixed_gates=fixed)
+    torch.testing.assert_close(x @ W_delta.T, delta, rtol=1e-5, atol=1e-5)
+
+
+def test_load_balancing_loss_balanced_collapsed_and_gradient():
+    n = 4
+    # perfectly balanced: uniform probabilities and an equal share of argmax tokens per head
+    probs = torch.full((8, n), 1.0 / n)
+    chosen = torch.eye(n).repeat(2, 1) * 0.4 + 0.15  # rows sum to 1, argmax cycles through the heads
+    for p in (probs, chosen):
+        loss = HF.load_balancing_loss(p, p)
+        assert loss.item() == pytest.approx(1.0, abs=1e-6)
+    # collapsed: every token goes to head 0
+    collapsed = torch.tensor([[0.9, 0.05, 0.03, 0.02]]).repeat(8, 1)
+    assert HF.load_balancing_loss(collapsed, collapsed).item() > 1.0
+    assert HF.load_balancing_loss(collapsed, collapsed).item() == pytest.approx(n * 0.9)
+    # top-k: the fraction counts the kept heads
+    gates = HF.top_k_gates(collapsed, 2)
+    assert HF.load_balancing_loss(collapsed, gates, top_k=2).item() > 1.0
+    # gradient reaches the router
+    _, _, W = make(n, seed=17)
+    x = torch.randn(3, 5, 7)
+    p = HF.router_probs(x, W)
+    loss = HF.load_balancing_loss(p, p)
+    (g,) = torch.autograd.grad(loss, W)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_gate_entropy():
+    n = 4
+    uniform = torch.full((3, n), 1.0 / n)
+    torch.testing.assert_close(HF.gate_entropy(uniform), torch.full((3,), torch.log(torch.tensor(4.0)).item()))
+    one_hot = torch.eye(n)
+    torch.testing.assert_close(HF.gate_entropy(one_hot), torch.zeros(n))
