@@ -128,7 +128,9 @@ class HydraLoraConfig(PeftConfig):
         positive_int("num_experts", self.num_experts)
         for key, value in self.rank_pattern.items():
             positive_int(f"rank_pattern[{key!r}]", value)
-        for name, value in [("lora_alpha", self.lora_alpha), *self.alpha_pattern.items()]:
+        alphas = [("lora_alpha", self.lora_alpha)]
+        alphas += [(f"alpha_pattern[{key!r}]", value) for key, value in self.alpha_pattern.items()]
+        for name, value in alphas:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"HydraLoraConfig.{name} must be a finite number, got {value!r}.")
         if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
