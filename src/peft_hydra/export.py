@@ -1,0 +1,196 @@
+"""Export a HydraLoRA adapter as a plain PEFT LoRA adapter, for serving engines that know nothing of routers.
+
+With FIXED gates ``g`` the HydraLoRA update of a layer is linear and low-rank:
+
+    scaling * sum_i g_i B_i A x = scaling * (sum_i g_i B_i) A x          (shared A, rank r)
+
+so it is a LoRA with ``lora_A = A`` and ``lora_B = sum_i g_i B_i``. With a learned router the exported adapter is the
+model with those gates fixed (uniform, a vector, or the mean gates the router produced on a dataset, per layer): an
+approximation of the routed model, exact for the fixed-gate model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+
+from .layer import HydraLoraLayer
+
+__all__ = ["export_lora", "measure_mean_gates"]
+
+GatesArg = Union[None, str, Sequence[float], torch.Tensor, Mapping[str, Sequence[float]]]
+
+
+def _tuner(model):
+    from .integrations import unwrap_hydra_tuner
+
+    return unwrap_hydra_tuner(model)
+
+
+@torch.no_grad()
+def measure_mean_gates(model, batches: Iterable, adapter_name: Optional[str] = None) -> dict[str, list[float]]:
+    """Run ``model`` (eval mode, no grad) on ``batches`` (dicts of model inputs, or input-id tensors) and return the
+    mean gate of every routed layer: ``{layer_name: [N floats]}``, ready for ``export_lora(gates=...)``.
+
+    Resets the router statistics before and after; restores the training mode."""
+    tuner = _tuner(model)
+    was_training = model.training
+    model.eval()
+    tuner.reset_router_stats()
+    try:
+        n = 0
+        for batch in batches:
+            if isinstance(batch, Mapping):
+                model(**{k: v for k, v in batch.items() if k != "labels"})
+            else:
+                model(input_ids=batch)
+            n += 1
+        if n == 0:
+            raise ValueError("measure_mean_gates got no batches: pass a non-empty iterable of model inputs.")
+        stats = tuner.router_stats(adapter_name)
+    finally:
+        tuner.reset_router_stats()
+        model.train(was_training)
+    if not stats["layers"]:
+        raise ValueError("No routed layer saw a token: the adapter has no learned router (use fixed gates).")
+    return {name: s["mean_gate"] for name, s in stats["layers"].items()}
+
+
+def _layer_gates(layer: HydraLoraLayer, name: str, adapter: str, gates: GatesArg) -> torch.Tensor:
+    n = layer.num_experts[adapter]
+    if isinstance(gates, Mapping):
+        if name not in gates:
+            raise ValueError(
+                f"`gates` is a per-layer mapping but has no entry for layer '{name}' (it has {len(gates)} entries, "
+                "e.g. " + ", ".join(list(gates)[:2]) + "). Use the output of measure_mean_gates on this model."
+            )
+        gates = gates[name]
+    if isinstance(gates, str):
+        if gates != "uniform":
+            raise ValueError(f"`gates` must be 'uniform', N numbers or a {{layer: N numbers}} mapping, got {gates!r}.")
+        return torch.full((n,), 1.0 / n)
+    if gates is None:
+        if adapter in layer.hydra_router:
+            raise ValueError(
+                f"Adapter '{adapter}' has a learned router: pass fixed gates to export it, e.g. gates='uniform', "
+                f"gates=[...{n} numbers...] or gates=peft_hydra.measure_mean_gates(model, batches)."
+            )
+        return layer._fixed_gates(adapter, None).detach().float().cpu()
+    g = torch.as_tensor(gates, dtype=torch.float32).flatten().cpu()
+    if g.numel() != n or not torch.isfinite(g).all():
+        raise ValueError(f"`gates` must be {n} finite numbers (one per head) for layer '{name}', got {gates!r}.")
+    return g
+
+
+def export_lora(
+    model,
+    save_directory: str,
+    gates: GatesArg = None,
+    adapter_name: Optional[str] = None,
+    safe_serialization: bool = True,
+) -> "peft.LoraConfig":  # noqa: F821
+    """Write the HydraLoRA adapter of ``model`` (a PeftModel) as a plain PEFT LoRA adapter with FIXED gates.
+
+    Args:
+        model: the PeftModel with the HydraLoRA adapter.
+        save_directory: where ``adapter_config.json`` and ``adapter_model.safetensors`` go; load them with
+            ``peft.PeftModel.from_pretrained(base, save_directory)`` (no ``peft_hydra`` needed) or a serving engine.
+        gates: ``"uniform"``; N numbers (all layers); ``{layer_name: N numbers}`` per layer, e.g. the mean gates
+            measured on a dataset by :func:`measure_mean_gates`; or None for an adapter with ``fixed_gates`` / N=1.
+        adapter_name: the adapter to export (default: the active one).
+
+    Per layer ``lora_A = A`` and ``lora_B = c * sum_i g_i B_i`` (rank r), where ``c`` = HydraLoRA's scaling divided
+    by LoRA's for the exported rank (1 for a shared A, so ``lora_alpha``, ``use_rslora``, ``rank_pattern`` and
+    ``alpha_pattern`` carry over unchanged).
+
+    With ``share_a=False`` (one A per head, the LoRA-split ablation) no rank-r LoRA is exact: the export is rank N*r,
+    ``lora_A = [A_1; ...; A_N]`` (stacked rows) and ``lora_B = c * [g_1 B_1, ..., g_N B_N]`` (side by side), which is
+    exact; ``r`` and ``rank_pattern`` are multiplied by N. Tensors other than HydraLoRA's (``modules_to_save``) are
+    copied as they are. Returns the written ``peft.LoraConfig``.
+    """
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    tuner = _tuner(model)
+    adapter = adapter_name or tuner.active_adapters[0]
+    if adapter not in tuner.peft_config:
+        raise ValueError(f"Unknown adapter '{adapter}'; the model has {sorted(tuner.peft_config)}.")
+    config = tuner.peft_config[adapter]
+    if str(getattr(config.peft_type, "value", config.peft_type)) != "HYDRALORA":
+        raise ValueError(f"Adapter '{adapter}' is a {config.peft_type} adapter, not HydraLoRA.")
+    if isinstance(gates, Mapping) and not gates:
+        raise ValueError("`gates` is an empty mapping: pass 'uniform', N numbers, or measure_mean_gates(...).")
+    factor = 1 if config.share_a else config.num_experts
+    peft_model = model.module if hasattr(model, "module") else model
+    prefix = "base_model.model."
+
+    state: dict[str, torch.Tensor] = {}
+    used_names = set()
+    for name, layer in tuner.model.named_modules():
+        if not isinstance(layer, HydraLoraLayer) or adapter not in layer.hydra_A:
+            continue
+        if layer.merged and adapter in layer.merged_adapters:
+            raise ValueError(f"Layer '{name}' has adapter '{adapter}' merged: call model.unmerge_adapter() first.")
+        g = _layer_gates(layer, name, adapter, gates)
+        used_names.add(name)
+        A = layer.hydra_A[adapter].weight.detach().float().cpu()  # (r or N*r, in)
+        B = layer.hydra_B[adapter].detach().float().cpu()  # (out, N, r)
+        out_features, n, r = B.shape
+        lora_r = r * factor
+        lora_scaling = layer.lora_alpha[adapter] / (lora_r**0.5 if config.use_rslora else lora_r)
+        c = layer.scaling[adapter] / lora_scaling
+        if config.share_a:
+            lora_B = c * torch.einsum("n,onr->or", g, B)
+        else:
+            lora_B = c * (B * g[None, :, None]).reshape(out_features, n * r)
+        dtype = layer.hydra_B[adapter].dtype
+        state[f"{prefix}{name}.lora_A.weight"] = A.to(dtype).contiguous()
+        state[f"{prefix}{name}.lora_B.weight"] = lora_B.to(dtype).contiguous()
+    if not state:
+        raise ValueError(f"Adapter '{adapter}' has no HydraLoRA layer to export.")
+    if isinstance(gates, Mapping):
+        unknown = sorted(set(gates) - used_names)
+        if unknown:
+            raise ValueError(f"`gates` names layers the adapter does not have: {unknown[:3]}.")
+
+    # Non-HydraLoRA trainable tensors (modules_to_save) keep PEFT's saved layout.
+    for key, value in get_peft_model_state_dict(peft_model, adapter_name=adapter).items():
+        if ".hydra_" not in key:
+            state[key] = value.detach().cpu().contiguous()
+
+    target_modules = config.target_modules
+    lora_config = LoraConfig(
+        r=config.r * factor,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=sorted(target_modules) if isinstance(target_modules, set) else target_modules,
+        exclude_modules=sorted(config.exclude_modules) if isinstance(config.exclude_modules, set) else config.exclude_modules,
+        layers_to_transform=config.layers_to_transform,
+        layers_pattern=config.layers_pattern,
+        modules_to_save=config.modules_to_save,
+        fan_in_fan_out=config.fan_in_fan_out,
+        use_rslora=config.use_rslora,
+        rank_pattern={k: v * factor for k, v in config.rank_pattern.items()},
+        alpha_pattern=dict(config.alpha_pattern),
+        bias="none",
+        task_type=config.task_type,
+        base_model_name_or_path=config.base_model_name_or_path,
+        revision=config.revision,
+        inference_mode=True,
+    )
+    os.makedirs(save_directory, exist_ok=True)
+    lora_config.save_pretrained(save_directory)
+    if safe_serialization:
+        from safetensors.torch import save_file
+
+        save_file(state, os.path.join(save_directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+    else:
+        torch.save(state, os.path.join(save_directory, "adapter_model.bin"))
+    with open(os.path.join(save_directory, "hydralora_export.json"), "w", encoding="utf-8") as f:
+        described = gates if isinstance(gates, (str, type(None))) else ("per-layer" if isinstance(gates, Mapping) else [float(x) for x in torch.as_tensor(gates).flatten()])
+        json.dump({"exported_from": "HYDRALORA", "num_experts": config.num_experts, "share_a": config.share_a,
+                   "gates": described, "lora_rank": config.r * factor}, f, indent=2)  # fmt: skip
+    return lora_config
