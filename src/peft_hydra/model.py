@@ -229,8 +229,10 @@ def check_adapter_state_dict(model: nn.Module, config: HydraLoraConfig, adapter_
     for title, keys in (("missing", missing), ("unexpected", unexpected)):
         if keys:
             lines.append(f"- {len(keys)} {title} tensor(s), e.g. " + ", ".join(keys[:3]))
+    if mismatched:
+        lines.append(f"- {len(mismatched)} tensor(s) with another shape, e.g.:")
     for k in mismatched[:3]:
-        lines.append(f"- {k}: shape {got[k]} in the checkpoint, {tuple(expected[k])} from the config")
+        lines.append(f"  {k}: shape {got[k]} in the checkpoint, {tuple(expected[k])} from the config")
     lines.append(
         f"The config says r={config.r}, num_experts={config.num_experts}, share_a={config.share_a}, "
         f"router_input={config.router_input!r}, fixed_gates={config.fixed_gates!r}, "
