@@ -11,6 +11,13 @@ from .model import HydraLoraModel
 
 _registry.register()
 
+# Ecosystem (Trainer/TRL, Hub card, LoRA export): see docs/ecosystem.md
+from .export import export_lora, measure_mean_gates
+from .hub import install_hub_hooks
+from .integrations import hydra_compute_loss, prepare_trainer, router_metrics
+
+install_hub_hooks()
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -20,4 +27,9 @@ __all__ = [
     "LLAMA_LIKE_TARGET_MODULES",
     "Linear",
     "__version__",
+    "export_lora",
+    "hydra_compute_loss",
+    "measure_mean_gates",
+    "prepare_trainer",
+    "router_metrics",
 ]
