@@ -19,7 +19,12 @@ import torch.nn.functional as F
 
 def router_probs(x: torch.Tensor, router_weight: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Per-token softmax over the N heads, computed in fp32: (..., d) x (N, d) -> (..., N)."""
-    logits = F.linear(x.to(router_weight.dtype), router_weight).float()
+    return softmax_gates(F.linear(x.to(router_weight.dtype), router_weight), temperature)
+
+
+def softmax_gates(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """fp32 softmax of router logits (..., N) at the given temperature."""
+    logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     return logits.softmax(dim=-1)
@@ -34,21 +39,27 @@ def top_k_gates(probs: torch.Tensor, top_k: Optional[int]) -> torch.Tensor:
     return torch.zeros_like(probs).scatter(-1, index, values)
 
 
-def mix_heads(h: torch.Tensor, gates: Optional[torch.Tensor], B: torch.Tensor) -> torch.Tensor:
-    """``sum_i g_i B_i h_i`` for all heads in one matmul.
+def mix_heads(h: torch.Tensor, gates: Optional[torch.Tensor], B: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+    """``scaling * sum_i g_i B_i h_i`` for all heads in one matmul.
+
+    The scaling is applied to the small (..., N) gates (or to h when N == 1), never to the (..., out) result.
 
     Args:
         h: (..., r) from a shared A, or (..., N*r) from one A per head.
         gates: (..., N) per-token gates, (N,) fixed gates, or None when N == 1.
         B: (out, N, r) stacked heads.
+        scaling: the LoRA scaling factor.
     Returns: (..., out) in ``h``'s dtype.
     """
     out_features, n, r = B.shape
     if gates is None:
         if n != 1:
             raise ValueError(f"gates are required with {n} heads")
-        return F.linear(h, B.view(out_features, r))
-    gated = gates.to(h.dtype).unsqueeze(-1) * h.unflatten(-1, (-1, r))  # (..., N, r); a shared A broadcasts
+        return F.linear(h * scaling if scaling != 1.0 else h, B.view(out_features, r))
+    gates = gates.to(h.dtype)
+    if scaling != 1.0:
+        gates = gates * scaling
+    gated = gates.unsqueeze(-1) * h.unflatten(-1, (-1, r))  # (..., N, r); a shared A broadcasts
     return F.linear(gated.flatten(-2), B.view(out_features, n * r))
 
 
@@ -70,14 +81,23 @@ def hydra_delta(
     ``A`` is (r or N*r, in); ``router_weight`` is (N, in) for ``router_input="x"`` or (N, r) for ``"a"``;
     ``fixed_gates`` (N,) replaces the router. ``gates`` / ``probs`` are None without a router.
     """
-    h = F.linear(dropout(x) if dropout is not None else x, A)
     probs = None
-    if router_weight is not None:
-        probs = router_probs(x if router_input == "x" else h, router_weight, temperature)
-        gates = top_k_gates(probs, top_k)
+    if router_weight is not None and router_input == "x" and _is_identity(dropout) and router_weight.dtype == A.dtype:
+        # A and the router read the same x: one GEMM over x for both, then split (..., r | N)
+        h, logits = F.linear(x, torch.cat([A, router_weight])).split([A.shape[0], router_weight.shape[0]], dim=-1)
+        probs = softmax_gates(logits, temperature)
     else:
-        gates = fixed_gates
-    return mix_heads(h, gates, B) * scaling, gates, probs
+        h = F.linear(dropout(x) if dropout is not None else x, A)
+        if router_weight is not None:
+            probs = router_probs(x if router_input == "x" else h, router_weight, temperature)
+    gates = top_k_gates(probs, top_k) if probs is not None else fixed_gates
+    return mix_heads(h, gates, B, scaling), gates, probs
+
+
+def _is_identity(dropout) -> bool:
+    if dropout is None or isinstance(dropout, torch.nn.Identity):
+        return True
+    return isinstance(dropout, torch.nn.Dropout) and (dropout.p == 0 or not dropout.training)
 
 
 def delta_weight(A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor, scaling: float) -> torch.Tensor:
