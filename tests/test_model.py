@@ -371,3 +371,14 @@ def test_deepcopy_and_state_dict_roundtrip(tiny_llama, input_ids):
     model = get_peft_model(tiny_llama(), hydra(r=4, num_experts=3, init_weights=False))
     clone = copy.deepcopy(model)
     torch.testing.assert_close(logits(clone, input_ids), logits(model, input_ids))
+
+
+def test_aux_loss_with_gradient_checkpointing(tiny_llama, input_ids):
+    base = tiny_llama()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(base, hydra(r=4, num_experts=3, init_weights=False, router_aux_loss_coef=0.01))
+    model.train()
+    loss = model(input_ids=input_ids, labels=input_ids).loss + model.base_model.hydra_aux_loss()
+    loss.backward()
+    routers = [p for n, p in model.named_parameters() if ".hydra_router." in n]
+    assert routers and all(p.grad is not None and torch.isfinite(p.grad).all() for p in routers)
