@@ -1,0 +1,66 @@
+"""Data-parallel HydraLoRA for real: 2 CPU processes (gloo) launched with torchrun, against a single-process run.
+
+The helper (tests/dist_train_helper.py) trains 3 steps with `accelerate` on the same global batch in 1 process and in
+2 processes (each rank on half of it), with top-k routing (k=1) and DDP's default find_unused_parameters=False.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_train_helper.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(out, *extra, nproc=1):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if nproc == 1:
+        cmd = [sys.executable, HELPER, str(out), *extra]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+               f"--master_addr=127.0.0.1", f"--master_port={_free_port()}", HELPER, str(out), *extra]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return [torch.load(os.path.join(out, f"result_rank{r}.pt")) for r in range(nproc)]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("single"))[0]
+
+
+def _assert_same_training(reference, result):
+    assert sorted(result["adapter"]) == sorted(reference["adapter"])
+    moved = max(float((reference["adapter"][k] - reference["initial"][k]).abs().max()) for k in reference["adapter"])
+    assert moved > 1e-2  # the steps did change the adapter, so agreement below is not trivial
+    for key, value in reference["adapter"].items():
+        torch.testing.assert_close(result["adapter"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert result["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+
+
+def test_ddp_two_processes_match_single_process(single, tmp_path):
+    ranks = _run(tmp_path, "--mode", "ddp", nproc=2)
+    assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["backend"] == "gloo"
+    # all adapter parameters (A, B, router) got a gradient, and DDP made them identical on both ranks
+    assert ranks[0]["n_grads"] == ranks[0]["n_trainable"] == 24
+    assert ranks[0]["grad_diff"] == 0.0
+    for key in ranks[0]["adapter"]:
+        torch.testing.assert_close(ranks[1]["adapter"][key], ranks[0]["adapter"][key], rtol=0, atol=0)
+    _assert_same_training(single, ranks[0])
+
+
+def test_fsdp2_two_processes_match_single_process(single, tmp_path):
+    ranks = _run(tmp_path, "--mode", "fsdp", nproc=2)
+    assert ranks[0]["dtensor_params"] > 0  # the parameters really are sharded
+    _assert_same_training(single, ranks[0])
