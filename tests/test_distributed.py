@@ -64,3 +64,25 @@ def test_fsdp2_two_processes_match_single_process(single, tmp_path):
     ranks = _run(tmp_path, "--mode", "fsdp", nproc=2)
     assert ranks[0]["dtensor_params"] > 0  # the parameters really are sharded
     _assert_same_training(single, ranks[0])
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize(
+    "name, kind",
+    [("accelerate_ddp.yaml", "MULTI_GPU"), ("accelerate_fsdp.yaml", "FSDP"), ("accelerate_deepspeed_zero3.yaml", "DEEPSPEED")],
+)
+def test_example_launch_configs_parse(name, kind):
+    """The documented `accelerate launch --config_file` files load with accelerate's own parser."""
+    import json
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(os.path.join(ROOT, "configs", name))
+    assert config.distributed_type.name == kind and config.num_processes == 2
+    if kind == "FSDP":
+        assert config.fsdp_config["fsdp_version"] == 2
+    if kind == "DEEPSPEED":
+        ds = json.load(open(os.path.join(ROOT, config.deepspeed_config["deepspeed_config_file"])))
+        assert ds["zero_optimization"]["stage"] == 3
