@@ -28,9 +28,11 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import peft
@@ -98,9 +100,17 @@ def fetch_peft_tests() -> Path:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if proc.returncode != 0 or not sdist.exists():
                 pytest.skip(f"cannot download the peft {version} sdist (needs PyPI): {proc.stderr.strip()[-500:]}")
+        # extract next to the cache and rename, so that a concurrent run never sees a half-extracted folder
+        tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=".extract-"))
         with tarfile.open(sdist) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith(f"peft-{version}/tests/")]
-            tar.extractall(CACHE, members=members, filter="data")
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(tmp, members=members, **safe)
+        try:
+            (tmp / f"peft-{version}").rename(root)
+        except OSError:  # another process was faster
+            shutil.rmtree(tmp / f"peft-{version}", ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     (root / "tests" / "__init__.py").touch()
     return root
 
