@@ -44,3 +44,13 @@ def test_quickstart_notebook_runs(tmp_path):
     assert "reloaded adapter reproduces the trained model" in text
     assert "LoraConfig rank 8" in text
     assert "router_gate_0" in text
+
+
+def test_comparison_notebook_runs():
+    nb = _execute("comparison.ipynb", {"PEFT_HYDRA_NB_TINY": "1", "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg",
+                                        "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    text = _outputs(nb)
+    assert "finished: True" in text
+    assert "eval_loss.png" in text and "routing_hydralora.png" in text
+    images = sum("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
+    assert images >= 3
