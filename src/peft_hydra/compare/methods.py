@@ -1,0 +1,234 @@
+"""The compared methods, their PEFT configs, and equal-budget solving of their ranks.
+
+Every method except HydraLoRA comes from PEFT's own classes. Trainable parameters are counted by building the
+adapter on a meta-device copy of the model (no memory, no weights), so a method's count is exactly what training
+will see.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+#: name -> (kind, fixed options, what it is)
+METHODS: dict[str, tuple[str, dict, str]] = {
+    "lora": ("lora", {}, "PEFT LoRA: W + (alpha/r) B A, one pair (A, B) per module."),
+    "lora_split": (
+        "hydra",
+        {"share_a": False},
+        "LoRA-split (the paper's Observation I, routed): N independent LoRAs (A_i, B_i) of rank r per module, mixed by "
+        "HydraLoRA's router (HydraLoraConfig(share_a=False)).",
+    ),
+    "loha": ("loha", {}, "PEFT LoHa: Hadamard product of two rank-r factorisations."),
+    "lokr": ("lokr", {}, "PEFT LoKr: Kronecker product W1 (x) (W2a W2b), W2 of rank r, W1 full of size set by `factor`."),
+    "hydralora": (
+        "hydra",
+        {},
+        "HydraLoRA: one shared A (rank r), N heads B_i, a learned softmax router per module (HydraLoraConfig).",
+    ),
+    "hydralora_uniform": (
+        "hydra",
+        {"fixed_gates": "uniform"},
+        "HydraLoRA ablation: uniform fixed gates 1/N, no router (HydraLoraConfig(fixed_gates='uniform')).",
+    ),
+    "hydralora_n1": ("hydra", {"num_experts": 1}, "HydraLoRA ablation: N = 1 head (no router; equals LoRA)."),
+    "ia3": ("ia3", {}, "PEFT IA3: learned scaling vectors (fixed parameter count, not budget-matched)."),
+    "adalora": ("adalora", {}, "PEFT AdaLoRA: SVD-form LoRA with rank allocation (init_r solved, target_r = init_r/2)."),
+    "full": ("full", {}, "Full fine-tuning of the adapted layers' target modules (not budget-matched)."),
+}
+
+BUDGETED_KINDS = ("lora", "hydra", "loha", "lokr", "adalora")
+LOKR_FACTORS = (-1, 2, 4, 8, 16, 32)
+
+
+class BudgetError(ValueError):
+    """No rank of a method reaches the requested parameter budget."""
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    kind: str
+    options: dict = field(default_factory=dict)
+    description: str = ""
+    base: str = ""
+
+
+def method_specs(methods: list, method_options: dict) -> list[MethodSpec]:
+    """Resolve the config's ``methods`` list: names of :data:`METHODS` or ``{name, base, <options>}`` variants."""
+    specs = []
+    seen = set()
+    for m in methods:
+        if isinstance(m, str):
+            name, base, extra = m, m, {}
+        elif isinstance(m, dict) and "name" in m:
+            extra = {k: v for k, v in m.items() if k not in ("name", "base")}
+            name, base = m["name"], m.get("base", m["name"])
+        else:
+            raise ValueError(f"methods: entry {m!r} must be a method name or a mapping with `name` (and `base`).")
+        if base not in METHODS:
+            raise ValueError(f"Unknown method {base!r} in `methods`; known methods: {sorted(METHODS)}.")
+        if name in seen:
+            raise ValueError(f"Method {name!r} is listed twice in `methods`.")
+        seen.add(name)
+        kind, fixed, desc = METHODS[base]
+        opts = {**dict(method_options.get(base, {}) or {}), **dict(method_options.get(name, {}) or {}), **extra, **fixed}
+        if extra:
+            desc = f"{desc} Options: {extra}."
+        specs.append(MethodSpec(name=name, kind=kind, options=opts, description=desc, base=base))
+    if not specs:
+        raise ValueError("`methods` is empty: list at least one of " + ", ".join(METHODS) + ".")
+    return specs
+
+
+def build_peft_config(spec: MethodSpec, r: int, factor: int, common: dict, total_steps: int = 1000):
+    """The PEFT config of ``spec`` at rank ``r`` (and LoKr ``factor``). ``common`` holds target_modules,
+    layers_to_transform, alpha_over_r, num_experts."""
+    import peft
+
+    import peft_hydra
+
+    tm = list(common["target_modules"])
+    layers = list(common["layers_to_transform"]) if common.get("layers_to_transform") is not None else None
+    alpha = float(common.get("alpha_over_r", 2.0)) * r
+    opts = dict(spec.options)
+    if spec.kind == "lora":
+        return peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=tm, layers_to_transform=layers, **opts)
+    if spec.kind == "hydra":
+        n = opts.pop("num_experts", common.get("num_experts", 3))
+        return peft_hydra.HydraLoraConfig(
+            r=r, lora_alpha=alpha, num_experts=int(n), target_modules=tm, layers_to_transform=layers, **opts
+        )
+    if spec.kind == "loha":
+        return peft.LoHaConfig(r=r, alpha=alpha, target_modules=tm, layers_to_transform=layers, **opts)
+    if spec.kind == "lokr":
+        return peft.LoKrConfig(
+            r=r, alpha=alpha, decompose_factor=factor, target_modules=tm, layers_to_transform=layers, **opts
+        )
+    if spec.kind == "adalora":
+        return peft.AdaLoraConfig(
+            init_r=r, target_r=max(1, r // 2), lora_alpha=alpha, total_step=total_steps,
+            tinit=max(1, total_steps // 10), tfinal=max(1, total_steps // 5), target_modules=tm,
+            layers_to_transform=layers, **opts,
+        )  # fmt: skip
+    if spec.kind == "ia3":
+        ff = [m for m in tm if m in ("down_proj", "fc2", "c_proj", "mlp.c_proj")]
+        return peft.IA3Config(target_modules=tm, feedforward_modules=ff, layers_to_transform=layers, **opts)
+    return None  # full fine-tuning
+
+
+def count_trainable(meta_model: torch.nn.Module, spec: MethodSpec, r: int, factor: int, common: dict) -> int:
+    """Trainable parameters of ``spec`` at (r, factor), counted on a meta-device copy of the model."""
+    model = copy.deepcopy(meta_model)
+    if spec.kind == "full":
+        return sum(p.numel() for n, p in full_ft_parameters(model, common))
+    import peft
+
+    pm = peft.get_peft_model(model, build_peft_config(spec, r, factor, common))
+    return sum(p.numel() for p in pm.parameters() if p.requires_grad)
+
+
+def full_ft_parameters(model: torch.nn.Module, common: dict):
+    """(name, param) of the target modules of the adapted layers (full fine-tuning)."""
+    layers = set(common.get("layers_to_transform") or [])
+    out = []
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        mod_ok = any(t in parts for t in common["target_modules"])
+        idx = next((int(x) for x in parts if x.isdigit()), None)
+        if mod_ok and (not layers or idx in layers):
+            out.append((name, p))
+    return out
+
+
+def max_rank(spec: MethodSpec, r: int, factor: int, common: dict, n: int) -> dict[str, Any]:
+    """Upper bound of the rank of the weight update of one (in=out=d) module, as a number and a formula."""
+    if spec.kind == "lora":
+        return {"value": r, "formula": "r"}
+    if spec.kind == "adalora":
+        return {"value": r, "formula": "init_r (pruned towards target_r)"}
+    if spec.kind == "loha":
+        return {"value": r * r, "formula": "r^2"}
+    if spec.kind == "lokr":
+        return {"value": None, "formula": f"rank(W1) x r (factor={factor})"}
+    if spec.kind == "hydra":
+        n = int(spec.options.get("num_experts", n))
+        if spec.options.get("share_a", True) is False:
+            return {"value": n * r, "formula": "N*r per token (N*r overall)"}
+        return {"value": r, "formula": "r per gate mix, N*r overall" if n > 1 else "r"}
+    return {"value": None, "formula": "full" if spec.kind == "full" else "diagonal"}
+
+
+@dataclass
+class Solved:
+    r: int
+    factor: int
+    params: int
+    within_tolerance: bool
+    note: str = ""
+
+
+def solve_budget(meta_model, spec: MethodSpec, target: Optional[int], common: dict, tol: float, r_max: int = 1024,
+                 default_r: int = 8) -> Solved:  # fmt: skip
+    """Find the rank (and LoKr factor) whose trainable-parameter count is nearest to ``target``.
+
+    Raises :class:`BudgetError` when even the smallest adapter (r = 1) is more than ``tol`` above the target.
+    Methods with a fixed size (IA3, full fine-tuning) are counted and reported, never solved.
+    """
+    if spec.kind not in BUDGETED_KINDS or target is None:
+        r = int(spec.options.get("r", default_r)) if spec.kind in BUDGETED_KINDS else 0
+        n = count_trainable(meta_model, spec, max(r, 1), -1, common)
+        return Solved(r, -1, n, target is None or abs(n - target) <= tol * target, "fixed size, not budget-matched")
+    cache: dict = {}
+
+    def count(r, f):
+        if (r, f) not in cache:
+            cache[(r, f)] = count_trainable(meta_model, spec, r, f, common)
+        return cache[(r, f)]
+
+    best: Optional[Solved] = None
+    factors = LOKR_FACTORS if spec.kind == "lokr" else (-1,)
+    smallest = None
+    for f in factors:
+        lo, hi = 1, r_max
+        c1 = count(1, f)
+        smallest = c1 if smallest is None else min(smallest, c1)
+        if c1 >= target:
+            cands = [1]
+        else:
+            while lo < hi:  # smallest r with count >= target (count is non-decreasing in r below the full-rank switch)
+                mid = (lo + hi) // 2
+                if count(mid, f) >= target:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            cands = sorted({max(1, lo - 1), lo})
+        for r in cands:
+            c = count(r, f)
+            cand = Solved(r, f, c, abs(c - target) <= tol * target)
+            if best is None or abs(c - target) < abs(best.params - target):
+                best = cand
+    assert best is not None and smallest is not None
+    if smallest > target * (1 + tol):
+        raise BudgetError(
+            f"Budget {target:,} trainable parameters is too small for method {spec.name!r}: its smallest adapter "
+            f"(r=1) on these modules/layers has {smallest:,}. Raise `budget` to at least {smallest:,}, adapt fewer "
+            "modules or layers, or drop the method."
+        )
+    if not best.within_tolerance:
+        best.note = f"nearest achievable: {100 * (best.params - target) / target:+.1f}% off the budget"
+    return best
+
+
+def describe_budget(target: int, solved: Solved) -> str:
+    if target is None:
+        return ""
+    return f"{100 * (solved.params - target) / target:+.1f}%"
+
+
+def is_close(a: float, b: float, tol: float) -> bool:
+    return math.isclose(a, b, rel_tol=tol)

@@ -1,0 +1,396 @@
+"""results.json, results.md and the plots of a comparison; paired bootstrap statistics against the reference."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import OrderedDict, defaultdict
+from typing import Any
+
+import numpy as np
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None and x == x]
+    return float(sum(xs) / len(xs)) if xs else None
+
+
+def _std(xs):
+    xs = [x for x in xs if x is not None and x == x]
+    if len(xs) < 2:
+        return 0.0 if xs else None
+    m = sum(xs) / len(xs)
+    return float(math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)))
+
+
+def run_record(spec, seed, lr, out, ev, eval_examples, budget_entry) -> dict[str, Any]:
+    losses, exact = ev["losses"], ev["exact"]
+    by_cat, by_src, acc_cat = defaultdict(list), defaultdict(list), defaultdict(list)
+    for ex, loss, ok in zip(eval_examples, losses, exact):
+        by_cat[ex["category"]].append(loss)
+        by_src[ex["source"]].append(loss)
+        if ex["short_answer"]:
+            acc_cat[ex["category"]].append(float(ok))
+    acc_all = [a for v in acc_cat.values() for a in v]
+    rec = {
+        "method": spec.name,
+        "seed": seed,
+        "lr": lr,
+        "r": budget_entry["r"],
+        "factor": budget_entry["factor"] if spec.kind == "lokr" else None,
+        "max_rank": budget_entry["max_rank"],
+        "trainable_params": out["trainable_params"],
+        "eval_loss": _mean(losses),
+        "eval_loss_by_source": {k: _mean(v) for k, v in by_src.items()},
+        "eval_loss_by_category": {k: _mean(v) for k, v in by_cat.items()},
+        "accuracy": _mean(acc_all) if acc_all else None,
+        "accuracy_by_category": {k: _mean(v) for k, v in acc_cat.items()},
+        "s_per_step": out["s_per_step"],
+        "train_s": out["train_s"],
+        "peak_mem_mb": out["peak_mem_mb"],
+        "final_train_loss": _mean(out["train_loss_curve"][-20:]),
+        "train_loss_curve": [round(x, 5) for x in out["train_loss_curve"]],
+        "eval_example_losses": [round(x, 6) for x in losses],
+    }
+    if "router" in ev:
+        rec["router_by_category"] = ev["router"]
+    return rec
+
+
+# ------------------------------------------------------------------------------------------- statistics
+def holm(pvals: dict[str, float]) -> dict[str, float]:
+    items = sorted(pvals.items(), key=lambda kv: kv[1])
+    m, out, running = len(items), {}, 0.0
+    for k, (name, p) in enumerate(items):
+        running = max(running, min(1.0, (m - k) * p))
+        out[name] = running
+    return out
+
+
+def paired_stats(results: dict, eval_examples: list[dict], reference: str, n_boot: int, seed: int = 0) -> dict:
+    """Per-example paired differences (method - reference, loss per token) averaged over seeds; bootstrap over
+    examples: mean, percentile 95% CI, two-sided p of a z-test with the bootstrap standard error; Holm-corrected across methods within each group (all, each source)."""
+    runs = results["runs"]
+    seeds = sorted({r["seed"] for r in runs})
+    by = {(r["method"], r["seed"]): np.array(r["eval_example_losses"]) for r in runs}
+    methods = [m for m in OrderedDict.fromkeys(r["method"] for r in runs) if m != reference]
+    groups = {"all": np.arange(len(eval_examples))}
+    for src in OrderedDict.fromkeys(ex["source"] for ex in eval_examples):
+        groups[src] = np.array([i for i, ex in enumerate(eval_examples) if ex["source"] == src])
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {}
+    for g, idx in groups.items():
+        boot_idx = rng.integers(0, len(idx), size=(n_boot, len(idx)))
+        rows, pvals = {}, {}
+        for m in methods:
+            common = [s for s in seeds if (m, s) in by and (reference, s) in by]
+            if not common:
+                continue
+            diffs = np.stack([by[(m, s)][idx] - by[(reference, s)][idx] for s in common])  # (S, n)
+            d = diffs.mean(0)
+            boots = d[boot_idx].mean(1)
+            se = float(boots.std(ddof=1))
+            p = float(math.erfc(abs(d.mean()) / se / math.sqrt(2))) if se > 0 else (0.0 if d.mean() != 0 else 1.0)
+            per_seed = diffs.mean(1)
+            rows[m] = {
+                "mean_diff": float(d.mean()),
+                "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
+                "p": float(p),
+                "per_seed_mean_diff": [float(x) for x in per_seed],
+                "seeds": common,
+                "n_examples": int(len(idx)),
+            }
+            pvals[m] = p
+        adj = holm(pvals)
+        for m, row in rows.items():
+            row["p_holm"] = adj[m]
+            ci_excl = row["ci95"][0] > 0 or row["ci95"][1] < 0
+            agree = all(x < 0 for x in row["per_seed_mean_diff"]) or all(x > 0 for x in row["per_seed_mean_diff"])
+            if row["p_holm"] < 0.05 and ci_excl and agree:
+                row["verdict"] = "better" if row["mean_diff"] < 0 else "worse"
+            else:
+                row["verdict"] = "no detectable difference"
+        out[g] = rows
+    return out
+
+
+def summarize(results: dict) -> dict:
+    summ: dict[str, Any] = OrderedDict()
+    for r in results["runs"]:
+        summ.setdefault(r["method"], []).append(r)
+    out = OrderedDict()
+    for m, rs in summ.items():
+        cats = list(rs[0]["eval_loss_by_category"])
+        srcs = list(rs[0]["eval_loss_by_source"])
+        out[m] = {
+            "seeds": [r["seed"] for r in rs],
+            "lr": rs[0]["lr"],
+            "trainable_params": rs[0]["trainable_params"],
+            "r": rs[0]["r"],
+            "factor": rs[0]["factor"],
+            "max_rank": rs[0]["max_rank"],
+            "eval_loss_mean": _mean([r["eval_loss"] for r in rs]),
+            "eval_loss_std": _std([r["eval_loss"] for r in rs]),
+            "eval_loss_by_source": {s: [_mean([r["eval_loss_by_source"][s] for r in rs]),
+                                        _std([r["eval_loss_by_source"][s] for r in rs])] for s in srcs},
+            "eval_loss_by_category": {c: [_mean([r["eval_loss_by_category"][c] for r in rs]),
+                                          _std([r["eval_loss_by_category"][c] for r in rs])] for c in cats},
+            "accuracy_mean": _mean([r["accuracy"] for r in rs]),
+            "accuracy_std": _std([r["accuracy"] for r in rs]),
+            "s_per_step_mean": _mean([r["s_per_step"] for r in rs]),
+            "peak_mem_mb_mean": _mean([r["peak_mem_mb"] for r in rs]),
+        }  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def write_results(results: dict, eval_examples: list[dict], output_dir: str, cfg: dict, final: bool = False) -> None:
+    results["summary"] = summarize(results)
+    ref = cfg["reference"]
+    if any(r["method"] == ref for r in results["runs"]):
+        results["paired_vs_reference"] = {"reference": ref, **paired_stats(results, eval_examples, ref, cfg["bootstrap"])}
+    results["finished"] = final
+    tmp = os.path.join(output_dir, "results.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    os.replace(tmp, os.path.join(output_dir, "results.json"))
+    plots = make_plots(results, output_dir) if final else []
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write(markdown(results, plots))
+
+
+def _fmt(x, nd=4):
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def markdown(res: dict, plots: list[str]) -> str:
+    cfg, summ = res["config"], res["summary"]
+    L = []
+    L.append(f"# Comparison `{cfg['name']}`" + ("" if res.get("finished") else " (IN PROGRESS: partial results)"))
+    L.append("")
+    L.append(f"- Model: {res['model']}")
+    m = res["machine"]
+    L.append(f"- Machine: {m.get('cpu_model', m['processor'])}, {m['cpu_count']} CPUs, torch threads "
+             f"{m['torch_threads']}, device {m['device']}, torch {m['torch']}, Python {m['python']}")  # fmt: skip
+    L.append(f"- Command: `{res['command']}`")
+    L.append(f"- Wall time of the whole run: {res['wall_s']:.0f} s ({res['wall_s'] / 60:.1f} min)")
+    d = res["data"]
+    L.append(f"- Data: sources {d['sources']}; {d['n']['train']} train / {d['n']['val']} validation (carved from "
+             f"train, used only for the lr sweep) / {d['n']['eval']} eval examples over {len(d['categories'])} "
+             f"categories; max length {d['max_length']} tokens, answers cut at {d['max_answer_tokens']} tokens.")  # fmt: skip
+    c = res["cache"]
+    tl = cfg["top_layers"]
+    L.append(f"- Adapted: modules {cfg['target_modules']} of the top {tl or 'all'} layers (identical for every method)."
+             + (f" Frozen layers below {c['first_top_layer']} were run once per example and cached "
+                f"({c['seconds']:.0f} s, {c['size_mb']:.0f} MB; cached vs full forward loss max |diff| "
+                f"{c['max_abs_loss_diff_vs_full_forward']:.1e}); the LM head runs on answer tokens only."
+                if c["enabled"] else " Plain full forward (no caching)."))  # fmt: skip
+    L.append(f"- Training: {cfg['steps']} steps, batch {cfg['batch_size']}, AdamW (no weight decay), linear warmup "
+             f"{cfg['warmup']:.0%} then linear decay, grad-norm clip {cfg['max_grad_norm']}, seeds {cfg['seeds']} "
+             f"(a seed fixes the adapter init and the data order, the same for every method), "
+             f"alpha = {cfg['alpha_over_r']} x r.")  # fmt: skip
+    ne = res["num_experts"]
+    L.append(f"- HydraLoRA heads N = {ne['value']}" + (" (chosen by `num_experts: auto`, "
+             "`peft_hydra.suggest_num_experts`: TF-IDF + k-means elbow on the training texts)" if ne["auto"] else ""))
+    L.append("- Loss: causal-LM loss per answer token (prompt masked); an example's loss is its mean over its answer "
+             "tokens; eval loss = mean over examples. Accuracy (short-answer sources only): greedy decoding would "
+             "emit exactly the answer tokens and then EOS (computed exactly from the teacher-forced argmax).")
+    L.append("- s/step: training wall time / steps (evaluation excluded). Peak memory: increase of the process RSS "
+             "over the run's start, sampled every 20 ms (includes the model copy for the run); on CUDA "
+             "`torch.cuda.max_memory_allocated`.")
+    L.append("")
+    L.append("## Methods")
+    for name, desc in res["methods"].items():
+        L.append(f"- `{name}`: {desc}")
+    L.append("")
+    if res["lr_sweep"]:
+        L.append("## Learning-rate sweep (validation split carved from train, seed "
+                 f"{cfg['seeds'][0]}, {next(iter(res['lr_sweep'].values()))['steps']} steps)")
+        lrs = list(next(iter(res["lr_sweep"].values()))["val_loss"])
+        L.append("| method | " + " | ".join(f"lr {x}" for x in lrs) + " | chosen |")
+        L.append("|---" * (len(lrs) + 2) + "|")
+        for mth, sw in res["lr_sweep"].items():
+            L.append(f"| {mth} | " + " | ".join(_fmt(sw["val_loss"][x]) for x in lrs) + f" | {sw['chosen']:g} |")
+        L.append("")
+    L.append("## Results (mean +- std over seeds)")
+    tgt = res["budget"]["target"]
+    L.append(f"Budget: {tgt:,} trainable parameters, tolerance {res['budget']['tolerance']:.0%}." if tgt else
+             "No budget: every method at the configured rank.")  # fmt: skip
+    L.append("")
+    srcs = list(next(iter(summ.values()))["eval_loss_by_source"]) if summ else []
+    L.append("| method | trainable params (vs budget) | r | max rank of update | lr | s/step | peak mem MB | eval loss "
+             "| " + " | ".join(f"{s} loss" for s in srcs) + " | accuracy |")  # fmt: skip
+    L.append("|---" * (9 + len(srcs)) + "|")
+    for mth, s in summ.items():
+        b = res["budget"]["methods"][mth]
+        dev = f" ({100 * (s['trainable_params'] - tgt) / tgt:+.1f}%)" if tgt else ""
+        note = " *" if b["note"] else ""
+        rk = f"{s['r']}" + (f", factor {s['factor']}" if s["factor"] is not None else "")
+        mr = b["max_rank"]
+        mr_s = (f"{mr['value']} ({mr['formula']})" if mr["value"] is not None else mr["formula"])
+        acc = "-" if s["accuracy_mean"] is None else f"{100 * s['accuracy_mean']:.1f} +- {100 * s['accuracy_std']:.1f}%"
+        L.append(
+            f"| {mth} | {s['trainable_params']:,}{dev}{note} | {rk} | {mr_s} | {s['lr']:g} | {_fmt(s['s_per_step_mean'], 2)} "
+            f"| {_fmt(s['peak_mem_mb_mean'], 0)} | {_fmt(s['eval_loss_mean'])} +- {_fmt(s['eval_loss_std'])} | "
+            + " | ".join(f"{_fmt(v[0])} +- {_fmt(v[1])}" for v in s["eval_loss_by_source"].values())
+            + f" | {acc} |"
+        )  # fmt: skip
+    notes = [f"{m_}: {b['note']}" for m_, b in res["budget"]["methods"].items() if b["note"]]
+    if notes:
+        L.append("")
+        L.append("\\* " + "; ".join(notes))
+    L.append("")
+    pv = res.get("paired_vs_reference")
+    if pv:
+        ref = pv["reference"]
+        L.append(f"## Paired differences against `{ref}` (eval loss per token, method - {ref}; negative = better)")
+        L.append("Per-example differences averaged over seeds; bootstrap over examples "
+                 f"({cfg['bootstrap']} resamples): percentile 95% CI, and the two-sided p of a z-test with the bootstrap standard error, Holm-corrected across methods within each "
+                 "group. A method is called better/worse only when the Holm-corrected p < 0.05, the 95% CI excludes 0 "
+                 "and every seed's mean difference has the same sign.")  # fmt: skip
+        L.append("")
+        L.append("| group | method | mean diff | 95% CI | p (Holm) | per-seed mean diffs | verdict |")
+        L.append("|---|---|---|---|---|---|---|")
+        for g, rows in pv.items():
+            if g == "reference":
+                continue
+            for mth, row in rows.items():
+                L.append(f"| {g} | {mth} | {row['mean_diff']:+.4f} | [{row['ci95'][0]:+.4f}, {row['ci95'][1]:+.4f}] "
+                         f"| {row['p_holm']:.3g} | " + ", ".join(f"{x:+.4f}" for x in row["per_seed_mean_diff"])
+                         + f" | {row['verdict']} |")  # fmt: skip
+        L.append("")
+    if summ:
+        L.append("## Eval loss per category (mean over seeds)")
+        mths = list(summ)
+        L.append("| category | source | " + " | ".join(mths) + " |")
+        L.append("|---" * (len(mths) + 2) + "|")
+        for cat, info in res["data"]["categories"].items():
+            vals = [summ[m_]["eval_loss_by_category"].get(cat, [None])[0] for m_ in mths]
+            if all(v is None for v in vals):
+                continue
+            best = min(v for v in vals if v is not None)
+            L.append(f"| {cat} | {info['source']} | " + " | ".join(
+                ("**" + _fmt(v) + "**") if v == best else _fmt(v) for v in vals) + " |")  # fmt: skip
+        L.append("")
+    if plots:
+        L.append("## Plots")
+        for p in plots:
+            L.append(f"![{p}]({p})")
+        L.append("")
+    return "\n".join(L) + "\n"
+
+
+def make_plots(res: dict, out: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    summ = res["summary"]
+    if not summ:
+        return files
+    mths = list(summ)
+    # 1. eval loss per method
+    fig, ax = plt.subplots(figsize=(1.2 * len(mths) + 2, 3.5))
+    ax.bar(mths, [summ[m]["eval_loss_mean"] for m in mths], yerr=[summ[m]["eval_loss_std"] for m in mths], capsize=4)
+    lo = min(summ[m]["eval_loss_mean"] for m in mths)
+    hi = max(summ[m]["eval_loss_mean"] for m in mths)
+    ax.set_ylim(lo - 0.5 * (hi - lo + 1e-3) - 0.01, hi + 0.5 * (hi - lo + 1e-3) + 0.01)
+    ax.set_ylabel("eval loss / answer token")
+    ax.set_title("Eval loss (mean +- std over seeds)")
+    plt.xticks(rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "eval_loss.png"), dpi=110)
+    plt.close(fig)
+    files.append("eval_loss.png")
+    # 2. per-category difference vs reference
+    ref = res["config"]["reference"]
+    if ref in summ and len(mths) > 1:
+        cats = list(summ[ref]["eval_loss_by_category"])
+        others = [m for m in mths if m != ref]
+        M = np.array([[summ[m]["eval_loss_by_category"][c][0] - summ[ref]["eval_loss_by_category"][c][0] for c in cats]
+                      for m in others])  # fmt: skip
+        v = float(np.nanmax(np.abs(M))) or 1e-3
+        fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(cats) + 2), 0.45 * len(others) + 2))
+        im = ax.imshow(M, cmap="RdBu_r", vmin=-v, vmax=v, aspect="auto")
+        ax.set_xticks(range(len(cats)), cats, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(others)), others)
+        fig.colorbar(im, ax=ax, label=f"eval loss - {ref} (blue = better)")
+        ax.set_title(f"Per-category eval loss difference vs {ref}")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "category_delta.png"), dpi=110)
+        plt.close(fig)
+        files.append("category_delta.png")
+    # 3. training curves (first seed)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    seen = set()
+    for r in res["runs"]:
+        if r["method"] in seen:
+            continue
+        seen.add(r["method"])
+        c = np.array(r["train_loss_curve"])
+        k = max(1, len(c) // 30)
+        sm = np.convolve(c, np.ones(k) / k, mode="valid")
+        ax.plot(np.arange(len(sm)) + k - 1, sm, label=r["method"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (moving mean)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "train_curves.png"), dpi=110)
+    plt.close(fig)
+    files.append("train_curves.png")
+    # 4. lr sweep
+    if res["lr_sweep"]:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for mth, sw in res["lr_sweep"].items():
+            xs = [float(x) for x in sw["val_loss"]]
+            ax.plot(xs, list(sw["val_loss"].values()), marker="o", label=mth)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("validation loss")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "lr_sweep.png"), dpi=110)
+        plt.close(fig)
+        files.append("lr_sweep.png")
+    # 5. elbow curve
+    ne = res["num_experts"]
+    if ne.get("curve"):
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot(ne["curve"]["k"], ne["curve"]["sse"], marker="o")
+        ax.axvline(ne["curve"]["num_experts"], color="r", ls="--", label=f"elbow k={ne['curve']['num_experts']}")
+        ax.set_xlabel("k (clusters)")
+        ax.set_ylabel("k-means SSE (TF-IDF)")
+        ax.set_title(f"num_experts: auto -> N = {ne['value']}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "num_experts_elbow.png"), dpi=110)
+        plt.close(fig)
+        files.append("num_experts_elbow.png")
+    # 6. routing heatmaps: mean gate per head for each category, one panel per decoder layer
+    for r in res["runs"]:
+        rb = r.get("router_by_category")
+        if not rb:
+            continue
+        fname = f"routing_{r['method']}.png"
+        if fname in files:
+            continue
+        cats = list(rb)
+        layer_of = lambda name: int(name.split("layers.")[1].split(".")[0]) if "layers." in name else -1  # noqa: E731
+        layers = sorted({layer_of(n) for n in rb[cats[0]]})
+        fig, axes = plt.subplots(1, len(layers), figsize=(2.2 * len(layers) + 1.5, 0.22 * len(cats) + 1.8),
+                                 squeeze=False, sharey=True)  # fmt: skip
+        for ax, layer in zip(axes[0], layers):
+            M = np.array([np.mean([g for n, g in rb[c].items() if layer_of(n) == layer], axis=0) for c in cats])
+            im = ax.imshow(M, aspect="auto", cmap="viridis", vmin=0, vmax=max(0.5, float(M.max())))
+            ax.set_title(f"layer {layer}", fontsize=8)
+            ax.set_xticks(range(M.shape[1]), [f"h{i}" for i in range(M.shape[1])], fontsize=7)
+        axes[0][0].set_yticks(range(len(cats)), cats, fontsize=6)
+        fig.colorbar(im, ax=axes[0].tolist(), label="mean gate")
+        fig.suptitle(f"{r['method']} (seed {r['seed']}): mean gate per head per category", fontsize=9)
+        fig.savefig(os.path.join(out, fname), dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        files.append(fname)
+    return files

@@ -1,0 +1,195 @@
+"""Orchestration of a comparison: data, model, cache, budgets, N, learning-rate sweep, runs, report."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from typing import Any, Optional
+
+import torch
+
+from . import data as D
+from .methods import build_peft_config, max_rank, method_specs, solve_budget
+from .settings import ConfigError
+from .train import compute_cache, decoder_parts, load_model, num_layers, token_losses, train_run
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": device,
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        if names:
+            info["cpu_model"] = names[0]
+    except OSError:
+        pass
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def verify_cache(model, examples, cache, first_top: int, device, tol: float = 1e-4) -> float:
+    """Check on a few examples that the cached path's loss equals the plain full forward's; return the max diff."""
+    batch = examples[: min(4, len(examples))]
+    with torch.no_grad():
+        full, _, _ = token_losses(model, batch, cache, None, device)
+        cached, _, _ = token_losses(model, batch, cache, first_top, device)
+    diff = float((full - cached).abs().max())
+    if not diff <= tol * max(1.0, float(full.abs().max())):
+        raise AssertionError(
+            f"The cached lower-layer path does not reproduce the full forward (max |diff| = {diff:.2e}): this model's "
+            "decoder is not Llama-like enough for `cache_lower_layers: true`; set it to false."
+        )
+    return diff
+
+
+def run_comparison(cfg: dict, output_dir: str, command: str, log=print) -> dict[str, Any]:
+    from . import report
+
+    t_start = time.time()
+    device = cfg["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    os.makedirs(output_dir, exist_ok=True)
+
+    model, tok, model_desc = load_model(cfg["model"], cfg["dtype"])
+    model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    dcfg = cfg["data"]
+    splits = D.build_splits(dcfg, seed=int(dcfg["seed"]))
+    tokd = {s: D.tokenize(exs, tok, int(dcfg["max_length"]), int(dcfg["max_answer_tokens"])) for s, exs in splits.items()}
+    all_ex = tokd["train"] + tokd["val"] + tokd["eval"]
+    for i, ex in enumerate(all_ex):
+        ex["_i"] = i
+    log(f"data: {len(tokd['train'])} train, {len(tokd['val'])} val, {len(tokd['eval'])} eval examples, "
+        f"{len({e['category'] for e in all_ex})} categories")  # fmt: skip
+
+    L = num_layers(model)
+    top = cfg["top_layers"] or L
+    if top > L:
+        raise ConfigError(f"`top_layers: {top}` exceeds the model's {L} layers.")
+    first_top = L - top
+    common = {
+        "target_modules": list(cfg["target_modules"]),
+        "layers_to_transform": list(range(first_top, L)),
+        "alpha_over_r": cfg["alpha_over_r"],
+    }
+    cache, cache_info = None, {"enabled": False}
+    first_top_arg: Optional[int] = None
+    if cfg["cache_lower_layers"]:
+        decoder_parts(model)
+        t = time.time()
+        cache = compute_cache(model, all_ex, first_top, int(cfg["eval_batch_size"]), device)
+        diff = verify_cache(model, tokd["eval"], cache, first_top, device)
+        first_top_arg = first_top
+        mb = sum(h.numel() * h.element_size() for h in cache) / 2**20
+        cache_info = {"enabled": True, "first_top_layer": first_top, "seconds": time.time() - t, "size_mb": mb,
+                      "max_abs_loss_diff_vs_full_forward": diff}  # fmt: skip
+        log(f"cached layers 0..{first_top - 1} for {len(all_ex)} examples in {cache_info['seconds']:.1f}s "
+            f"({mb:.0f} MB); cached vs full forward loss max |diff| = {diff:.2e}")  # fmt: skip
+
+    # number of heads
+    ne_info: dict[str, Any] = {"auto": cfg["num_experts"] == "auto"}
+    if cfg["num_experts"] == "auto":
+        from ..heads import suggest_num_experts
+
+        n, curve = suggest_num_experts(D.training_texts(tokd["train"]), k_max=int(cfg["num_experts_k_max"]),
+                                       return_curve=True)  # fmt: skip
+        n = max(2, n)
+        ne_info.update(value=n, curve=curve, note="elbow of TF-IDF k-means SSE (at least 2 heads)")
+        log(f"num_experts: auto -> N = {n} (elbow at {curve['num_experts']})")
+    else:
+        ne_info["value"] = int(cfg["num_experts"])
+    common["num_experts"] = ne_info["value"]
+
+    # budgets
+    specs = method_specs(cfg["methods"], cfg["method_options"] or {})
+    with torch.device("meta"):
+        meta = type(model)(model.config)
+    budget = {"target": cfg["budget"], "tolerance": cfg["budget_tolerance"], "methods": {}}
+    solved = {}
+    for spec in specs:
+        s = solve_budget(meta, spec, cfg["budget"], common, cfg["budget_tolerance"], default_r=cfg["r"])
+        solved[spec.name] = s
+        mr = max_rank(spec, s.r, s.factor, common, ne_info["value"])
+        budget["methods"][spec.name] = {"r": s.r, "factor": s.factor, "params": s.params,
+                                        "within_tolerance": s.within_tolerance, "note": s.note, "max_rank": mr}
+        log(f"budget {spec.name}: r={s.r}" + (f" factor={s.factor}" if spec.kind == "lokr" else "")
+            + f" -> {s.params:,} trainable params {s.note}")  # fmt: skip
+    del meta
+
+    results: dict[str, Any] = {
+        "model": model_desc,
+        "data": {"sources": dcfg["sources"], **D.describe(splits), "max_length": dcfg["max_length"],
+                 "max_answer_tokens": dcfg["max_answer_tokens"], "eval_ids": [e["id"] for e in tokd["eval"]]},
+        "command": command,
+        "machine": machine_info(device),
+        "config": cfg,
+        "cache": cache_info,
+        "num_experts": ne_info,
+        "budget": budget,
+        "methods": {s.name: s.description for s in specs},
+        "lr_sweep": {},
+        "runs": [],
+        "wall_s": None,
+    }  # fmt: skip
+
+    def write(final=False):
+        results["wall_s"] = time.time() - t_start
+        report.write_results(results, tokd["eval"], output_dir, cfg, final=final)
+
+    run_cfg = {"device": device, "batch_size": cfg["batch_size"], "eval_batch_size": cfg["eval_batch_size"],
+               "warmup": cfg["warmup"], "max_grad_norm": cfg["max_grad_norm"], "weight_decay": cfg["weight_decay"]}  # fmt: skip
+
+    def one(spec, seed, lr, steps, eval_sets, router):
+        s = solved[spec.name]
+        pc = build_peft_config(spec, s.r, s.factor, common, total_steps=steps)
+        rc = dict(run_cfg, steps=steps)
+        return train_run(model, spec, pc, common, tokd["train"], eval_sets, cache, first_top_arg, rc, seed, lr,
+                         desc=f"{spec.name} seed={seed} lr={lr:g}", router_by_category=router)  # fmt: skip
+
+    # learning-rate sweep on the validation split (carved from train), one seed
+    chosen = {}
+    sweep_steps = int(cfg["sweep_steps"] or cfg["steps"])
+    if len(cfg["lr_sweep"]) > 1:
+        if not tokd["val"]:
+            raise ConfigError("`lr_sweep` needs validation examples: set `data.val_per_category` >= 1.")
+        for spec in specs:
+            res = {}
+            for lr in cfg["lr_sweep"]:
+                out = one(spec, cfg["seeds"][0], lr, sweep_steps, {"val": tokd["val"]}, False)
+                vl = out["evals"]["val"]["losses"]
+                res[lr] = sum(vl) / len(vl)
+                log(f"sweep {spec.name} lr={lr:g}: val loss {res[lr]:.4f} ({out['s_per_step']:.2f} s/step)")
+            chosen[spec.name] = min(res, key=lambda k: (res[k] if res[k] == res[k] else float("inf")))
+            results["lr_sweep"][spec.name] = {"val_loss": {f"{k:g}": v for k, v in res.items()},
+                                              "chosen": chosen[spec.name], "steps": sweep_steps}  # fmt: skip
+    else:
+        lr0 = cfg["lr_sweep"][0] if cfg["lr_sweep"] else cfg["lr"]
+        chosen = {spec.name: lr0 for spec in specs}
+
+    for seed in cfg["seeds"]:
+        for spec in specs:
+            lr = chosen[spec.name]
+            out = one(spec, seed, lr, int(cfg["steps"]), {"eval": tokd["eval"]}, cfg["router_plot"] and seed == cfg["seeds"][0])
+            ev = out.pop("evals")["eval"]
+            rec = report.run_record(spec, seed, lr, out, ev, tokd["eval"], budget["methods"][spec.name])
+            results["runs"].append(rec)
+            log(f"run {spec.name} seed={seed} lr={lr:g}: eval loss {rec['eval_loss']:.4f}, "
+                f"{rec['s_per_step']:.2f} s/step, {rec['trainable_params']:,} params")  # fmt: skip
+            write()
+    write(final=True)
+    log(f"wrote {output_dir}/results.md, results.json and plots (wall {results['wall_s']:.0f}s)")
+    return results

@@ -1,0 +1,110 @@
+"""The comparison config (YAML): defaults, validation with clear errors."""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import yaml
+
+from .methods import METHODS
+
+REQUIRED = ("model", "data", "methods", "steps")
+DEFAULTS: dict[str, Any] = {
+    "name": None,
+    "dtype": "float32",
+    "device": "auto",
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "top_layers": 4,  # adapt the same modules of the top L layers only (null: all layers)
+    "cache_lower_layers": True,  # run the frozen lower layers once per example and reuse their output
+    "budget": None,  # target trainable parameters (null: every method at rank `r`)
+    "budget_tolerance": 0.05,
+    "r": 8,
+    "alpha_over_r": 2.0,
+    "num_experts": 3,  # int or "auto" (peft_hydra.suggest_num_experts on the training texts)
+    "num_experts_k_max": 10,
+    "method_options": {},
+    "reference": "lora",
+    "seeds": [0],
+    "batch_size": 8,
+    "eval_batch_size": 16,
+    "lr": 1e-3,  # used when lr_sweep is empty
+    "lr_sweep": [],
+    "sweep_steps": None,  # default: `steps`
+    "warmup": 0.1,
+    "max_grad_norm": 1.0,
+    "weight_decay": 0.0,
+    "bootstrap": 2000,
+    "router_plot": True,
+}
+DATA_DEFAULTS = {
+    "train_per_category": 100, "val_per_category": 10, "eval_per_category": 20, "max_length": 128,
+    "max_answer_tokens": 64, "seed": 0,
+}  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """A wrong comparison config; the message names the field and the fix."""
+
+
+def load_config(path: str, overrides: dict | None = None) -> dict[str, Any]:
+    if not os.path.exists(path):
+        raise ConfigError(f"Config file {path!r} does not exist (see configs/smoke.yaml, default.yaml, full.yaml).")
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a YAML mapping.")
+    raw.update(overrides or {})
+    cfg = normalize(raw)
+    cfg["name"] = cfg["name"] or os.path.splitext(os.path.basename(path))[0]
+    return cfg
+
+
+def normalize(raw: dict) -> dict[str, Any]:
+    missing = [k for k in REQUIRED if k not in raw]
+    if missing:
+        raise ConfigError(f"The config is missing required field(s) {missing} (required: {list(REQUIRED)}).")
+    unknown = sorted(set(raw) - set(REQUIRED) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"Unknown config field(s) {unknown}; allowed: {sorted(set(REQUIRED) | set(DEFAULTS))}.")
+    cfg = {**copy.deepcopy(DEFAULTS), **copy.deepcopy(raw)}
+    model = cfg["model"]
+    cfg["model"] = {"name": model} if isinstance(model, str) else dict(model)
+    if "name" not in cfg["model"]:
+        raise ConfigError("`model` must be a name (smollm2, tiny-random, a path or Hub id) or a mapping with `name`.")
+    data = cfg["data"]
+    if not isinstance(data, dict) or not data.get("sources"):
+        raise ConfigError("`data` must be a mapping with `sources` (e.g. [bbh27, dolly8, gsm8k] or {path: ...}).")
+    unknown = sorted(set(data) - set(DATA_DEFAULTS) - {"sources"})
+    if unknown:
+        raise ConfigError(f"Unknown data field(s) {unknown}; allowed: sources, {', '.join(DATA_DEFAULTS)}.")
+    cfg["data"] = {**DATA_DEFAULTS, **data}
+    if not isinstance(cfg["methods"], list) or not cfg["methods"]:
+        raise ConfigError(f"`methods` must be a non-empty list; known methods: {sorted(METHODS)}.")
+    for m in cfg["methods"]:
+        base = m if isinstance(m, str) else (m.get("base", m.get("name")) if isinstance(m, dict) else None)
+        if base not in METHODS:
+            raise ConfigError(f"Unknown method {base!r} in `methods`; known methods: {sorted(METHODS)}.")
+    names = [m if isinstance(m, str) else m["name"] for m in cfg["methods"]]
+    if cfg["reference"] not in names:
+        raise ConfigError(f"`reference: {cfg['reference']}` must be one of the listed methods {names}.")
+    for key in ("steps", "batch_size", "eval_batch_size", "r", "bootstrap"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ConfigError(f"`{key}` must be an integer >= 1, got {cfg[key]!r}.")
+    if cfg["budget"] is not None and (not isinstance(cfg["budget"], int) or cfg["budget"] < 1):
+        raise ConfigError(f"`budget` must be null or a positive integer (trainable parameters), got {cfg['budget']!r}.")
+    ne = cfg["num_experts"]
+    if not (ne == "auto" or (isinstance(ne, int) and ne >= 1)):
+        raise ConfigError(f"`num_experts` must be an integer >= 1 or 'auto', got {ne!r}.")
+    if not isinstance(cfg["seeds"], list) or not cfg["seeds"] or not all(isinstance(s, int) for s in cfg["seeds"]):
+        raise ConfigError(f"`seeds` must be a non-empty list of integers, got {cfg['seeds']!r}.")
+    for key in ("lr",):
+        cfg[key] = float(cfg[key])
+    cfg["lr_sweep"] = [float(x) for x in (cfg["lr_sweep"] or [])]
+    tl = cfg["top_layers"]
+    if tl is not None and (not isinstance(tl, int) or tl < 1):
+        raise ConfigError(f"`top_layers` must be null (all layers) or an integer >= 1, got {tl!r}.")
+    if cfg["dtype"] not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"`dtype` must be float32, bfloat16 or float16, got {cfg['dtype']!r}.")
+    return cfg
