@@ -6,6 +6,7 @@
 
 from . import _registry
 from .config import LLAMA_LIKE_TARGET_MODULES, HydraLoraConfig
+from .heads import suggest_num_experts
 from .layer import HydraLoraLayer, Linear
 from .model import HydraLoraModel
 
@@ -27,6 +28,7 @@ __all__ = [
     "LLAMA_LIKE_TARGET_MODULES",
     "Linear",
     "__version__",
+    "suggest_num_experts",
     "export_lora",
     "hydra_compute_loss",
     "measure_mean_gates",
