@@ -129,7 +129,8 @@ def count_trainable(meta_model: torch.nn.Module, spec: MethodSpec, r: int, facto
     import peft
 
     pm = peft.get_peft_model(model, build_peft_config(spec, r, factor, common))
-    return sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    # AdaLoRA's `ranknum` is a frozen counter, but on the meta device it keeps requires_grad=True
+    return sum(p.numel() for n, p in pm.named_parameters() if p.requires_grad and ".ranknum" not in n)
 
 
 def full_ft_parameters(model: torch.nn.Module, common: dict):
@@ -206,6 +207,15 @@ def solve_budget(meta_model, spec: MethodSpec, target: Optional[int], common: di
                     hi = mid
                 else:
                     lo = mid + 1
+            if count(lo, f) < target:  # the count plateaus (LoKr: W2 becomes a full matrix): smallest r of the plateau
+                plateau, lo2, hi2 = count(lo, f), 1, lo
+                while lo2 < hi2:
+                    mid = (lo2 + hi2) // 2
+                    if count(mid, f) >= plateau:
+                        hi2 = mid
+                    else:
+                        lo2 = mid + 1
+                lo = lo2
             cands = sorted({max(1, lo - 1), lo})
         for r in cands:
             c = count(r, f)

@@ -298,6 +298,7 @@ def evaluate(wrapper, inner, spec, examples, cache, first_top_layer, run_cfg, ro
     device, bs = run_cfg["device"], int(run_cfg.get("eval_batch_size", run_cfg["batch_size"]))
     tuner = getattr(wrapper, "base_model", None)
     routed = router_by_category and spec.kind == "hydra" and hasattr(tuner, "router_stats")
+    routed = routed and all(getattr(c, "has_router", False) for c in getattr(wrapper, "peft_config", {}).values())
     losses, exact, router = [0.0] * len(examples), [False] * len(examples), {}
     by_cat: dict[str, list[int]] = {}
     for k, ex in enumerate(examples):

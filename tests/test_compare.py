@@ -1,0 +1,154 @@
+"""The comparison harness end to end on a tiny random Llama (byte tokenizer) and a small data slice, the JSON schema
+of its results, the cached-lower-layers path against the plain forward, and clear errors for bad configs."""
+
+import json
+import subprocess
+import sys
+
+import peft
+import pytest
+import torch
+import yaml
+
+import peft_hydra
+from peft_hydra.compare import data as D
+from peft_hydra.compare.cli import main
+from peft_hydra.compare.settings import ConfigError, load_config
+from peft_hydra.compare.train import check_only_top_adapted, compute_cache, load_model, token_losses
+
+METHODS = ["lora", "lora_split", "loha", "lokr", "hydralora", "hydralora_uniform", "hydralora_n1"]
+TINY = {"name": "tiny-random", "config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3}}
+
+
+def user_jsonl(path, with_category=True):
+    rows = []
+    for cat, word in (("colors", "red"), ("animals", "cat"), ("numbers", "seven")):
+        for i in range(8):
+            row = {"q": f"Name a {cat[:-1]} number {i}:", "a": f"{word} {i}", "split": "eval" if i < 3 else "train"}
+            if with_category:
+                row["category"] = cat
+            rows.append(row)
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def write_cfg(tmp_path, **over):
+    cfg = {
+        "model": TINY,
+        "data": {
+            "sources": [
+                {"path": user_jsonl(tmp_path / "mine.jsonl"), "prompt_field": "q", "answer_field": "a", "short_answer": True},
+                {"name": "gsm8k"},
+            ],
+            "train_per_category": 5,
+            "val_per_category": 2,
+            "eval_per_category": 3,
+            "max_length": 64,
+            "max_answer_tokens": 16,
+        },
+        "top_layers": 2,
+        "budget": 3000,
+        "num_experts": 2,
+        "methods": METHODS,
+        "seeds": [0, 1],
+        "steps": 3,
+        "batch_size": 4,
+        "lr_sweep": [1e-3, 1e-2],
+        "sweep_steps": 2,
+        "bootstrap": 100,
+    }
+    cfg.update(over)
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return str(p)
+
+
+def test_end_to_end_results_schema(tmp_path):
+    out = tmp_path / "out"
+    assert main(["compare", "--config", write_cfg(tmp_path), "--output", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    for key in ("model", "data", "command", "wall_s", "runs", "machine", "budget", "lr_sweep", "summary"):
+        assert key in res, key
+    assert res["finished"] is True and res["wall_s"] > 0 and "--config" in res["command"]
+    assert [(r["method"], r["seed"]) for r in res["runs"]] == [(m, s) for s in (0, 1) for m in METHODS]
+    cats = {"colors", "animals", "numbers", "gsm8k"}
+    for r in res["runs"]:
+        for key in ("trainable_params", "eval_loss", "accuracy", "s_per_step", "peak_mem_mb", "lr", "r"):
+            assert key in r, key
+        assert set(r["eval_loss_by_category"]) == cats
+        assert r["eval_loss"] > 0 and r["s_per_step"] > 0
+        assert 0.0 <= r["accuracy"] <= 1.0 and set(r["accuracy_by_category"]) == {"colors", "animals", "numbers"}
+        assert r["lr"] == res["lr_sweep"][r["method"]]["chosen"]
+        assert len(r["eval_example_losses"]) == len(res["data"]["eval_ids"]) == 12
+        assert abs(r["trainable_params"] - 3000) <= 0.05 * 3000 or res["budget"]["methods"][r["method"]]["note"]
+    # the same seed gives the same data order and init: lora and hydralora_n1 (both rank-r, one head) start equal
+    first = {r["method"]: r["train_loss_curve"][0] for r in res["runs"] if r["seed"] == 0}
+    assert len(set(round(v, 5) for v in first.values())) == 1  # zero-init B: every method starts at the base loss
+    # routing statistics per category, for the routed methods only
+    routed = [r for r in res["runs"] if "router_by_category" in r]
+    assert {r["method"] for r in routed} == {"hydralora", "lora_split"}
+    gates = next(iter(next(iter(routed[0]["router_by_category"].values())).values()))
+    assert len(gates) == 2 and abs(sum(gates) - 1) < 1e-4
+    assert set(res["paired_vs_reference"]["all"]) == set(METHODS) - {"lora"}
+    md = (out / "results.md").read_text()
+    for m in METHODS:
+        assert f"| {m} |" in md
+    assert (out / "eval_loss.png").exists() and (out / "routing_hydralora.png").exists()
+
+
+def test_cached_path_equals_full_forward():
+    model, tok, _ = load_model(TINY)
+    exs = D.tokenize(
+        [{"prompt": "Q: 2+2?\nA:", "answer": " 4"}, {"prompt": "Say something long please", "answer": " ok then"}],
+        tok, 64, 16,
+    )  # fmt: skip
+    for i, e in enumerate(exs):
+        e["_i"] = i
+    # an adapter with random (non-zero) weights on the top 2 of 3 layers: the cached path must still be exact
+    cfg = peft_hydra.HydraLoraConfig(r=4, num_experts=2, init_weights=False, layers_to_transform=[1, 2],
+                                     target_modules=["q_proj", "v_proj", "down_proj"])  # fmt: skip
+    pm = peft.get_peft_model(model, cfg)
+    inner = pm.get_base_model()
+    cache = compute_cache(inner, exs, 1, 2, "cpu")
+    with torch.no_grad():
+        full, ok_full, _ = token_losses(inner, exs, cache, None, "cpu")
+        cached, ok_cached, _ = token_losses(inner, exs, cache, 1, "cpu")
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ok_full, ok_cached)
+    check_only_top_adapted(inner, 1)
+    with pytest.raises(AssertionError, match="below the cached layers"):
+        check_only_top_adapted(inner, 2)
+
+
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        ({"methods": ["lora", "dora"]}, "Unknown method 'dora'"),
+        ({"steps": None}, "`steps` must be an integer"),
+        ({"budget": 10}, "too small for method"),
+        ({"num_experts": "many"}, "num_experts"),
+        ({"unknown_field": 1}, "Unknown config field"),
+    ],
+)
+def test_bad_config_is_a_clear_error(tmp_path, capsys, over, message):
+    assert main(["compare", "--config", write_cfg(tmp_path, **over), "--output", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_field_and_missing_category(tmp_path, capsys):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"model": TINY, "data": {"sources": ["bbh27"]}, "methods": ["lora"]}))
+    with pytest.raises(ConfigError, match=r"missing required field\(s\) \['steps'\]"):
+        load_config(str(p))
+    cfg = yaml.safe_load(open(write_cfg(tmp_path)))
+    cfg["data"]["sources"] = [{"path": user_jsonl(tmp_path / "nocat.jsonl", with_category=False),
+                               "prompt_field": "q", "answer_field": "a"}]  # fmt: skip
+    p.write_text(yaml.safe_dump(cfg))
+    assert main(["compare", "--config", str(p), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "no category field 'category'" in err and "category_field" in err
+
+
+def test_module_entry_point_help():
+    out = subprocess.run([sys.executable, "-m", "peft_hydra.compare", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--config" in out.stdout
