@@ -96,6 +96,19 @@ def test_end_to_end_results_schema(tmp_path):
     assert (out / "eval_loss.png").exists() and (out / "routing_hydralora.png").exists()
 
 
+def test_plain_path_and_optional_methods(tmp_path):
+    """`cache_lower_layers: false` (the plain full forward, for GPUs) and the optional IA3, AdaLoRA, full FT."""
+    out = tmp_path / "out"
+    cfg = write_cfg(tmp_path, methods=["lora", "ia3", "adalora", "full"], cache_lower_layers=False, seeds=[0],
+                    lr_sweep=[], budget=None)  # fmt: skip
+    assert main(["compare", "--config", cfg, "--output", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["cache"] == {"enabled": False}
+    params = {r["method"]: r["trainable_params"] for r in res["runs"]}
+    assert params["ia3"] < params["lora"] < params["full"]
+    assert all(r["eval_loss"] > 0 for r in res["runs"])
+
+
 def test_cached_path_equals_full_forward():
     model, tok, _ = load_model(TINY)
     exs = D.tokenize(

@@ -94,3 +94,20 @@ def test_variants_and_options():
     cfg = build_peft_config(specs[1], 4, -1, common())
     assert isinstance(cfg, peft_hydra.HydraLoraConfig) and cfg.top_k == 1 and cfg.num_experts == 4
     assert set(METHODS) >= set(ALL)
+
+
+@pytest.mark.parametrize("name", ["ia3", "full"])
+def test_fixed_size_methods_adapt_only_the_chosen_layers(name):
+    from peft_hydra.compare.methods import full_ft_parameters
+
+    spec = method_specs([name], {})[0]
+    s = solve_budget(meta_model(), spec, None, common(), tol=0.05)
+    assert s.params > 0 and "not budget-matched" in s.note
+    real = make_tiny_llama(num_hidden_layers=3, hidden_size=64, intermediate_size=128)
+    if name == "ia3":
+        pm = peft.get_peft_model(real, build_peft_config(spec, 1, -1, common()))
+        names = [n for n, p in pm.named_parameters() if p.requires_grad]
+    else:
+        names = [n for n, _ in full_ft_parameters(real, common())]
+    assert names and all(".layers.1." in n or ".layers.2." in n for n in names)
+    assert sum(p.numel() for n, p in (pm if name == "ia3" else real).named_parameters() if n in names) == s.params

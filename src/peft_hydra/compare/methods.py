@@ -116,8 +116,13 @@ def build_peft_config(spec: MethodSpec, r: int, factor: int, common: dict, total
             layers_to_transform=layers, **opts,
         )  # fmt: skip
     if spec.kind == "ia3":
-        ff = [m for m in tm if m in ("down_proj", "fc2", "c_proj", "mlp.c_proj")]
-        return peft.IA3Config(target_modules=tm, feedforward_modules=ff, layers_to_transform=layers, **opts)
+        # IA3Config has no layers_to_transform: restrict it to the same layers with a regex
+        ff = [m for m in tm if m in ("down_proj", "fc2", "c_proj")]
+        lay = "(?:" + "|".join(str(i) for i in layers) + ")" if layers else "\\d+"
+        rx = lambda mods: rf".*\.{lay}\.(?:[^.]+\.)*(?:{'|'.join(mods)})$" if mods else None  # noqa: E731
+        if ff:
+            opts.setdefault("feedforward_modules", rx(ff))
+        return peft.IA3Config(target_modules=rx(tm), **opts)
     return None  # full fine-tuning
 
 

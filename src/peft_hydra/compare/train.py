@@ -165,6 +165,17 @@ def token_losses(model, batch, cache, first_top_layer: Optional[int], device):
 
 
 # --------------------------------------------------------------------------------------------- memory
+def _rss() -> int:
+    """Resident set size of this process in bytes (psutil when installed, else /proc/self/statm)."""
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 class PeakRSS:
     """Peak resident-set-size increase (MB) over the start, sampled every 20 ms in a thread (CPU); on CUDA,
     ``torch.cuda.max_memory_allocated``."""
@@ -177,15 +188,12 @@ class PeakRSS:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
             return self
-        import psutil
-
-        self.proc = psutil.Process()
-        self.start = self.peak = self.proc.memory_info().rss
+        self.start = self.peak = _rss()
         self.stop = threading.Event()
 
         def sample():
             while not self.stop.wait(0.02):
-                self.peak = max(self.peak, self.proc.memory_info().rss)
+                self.peak = max(self.peak, _rss())
 
         self.thread = threading.Thread(target=sample, daemon=True)
         self.thread.start()
@@ -197,7 +205,7 @@ class PeakRSS:
         else:
             self.stop.set()
             self.thread.join()
-            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self.peak = max(self.peak, _rss())
             self.mb = (self.peak - self.start) / 2**20
 
 
