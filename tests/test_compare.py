@@ -94,6 +94,10 @@ def test_end_to_end_results_schema(tmp_path):
     for m in METHODS:
         assert f"| {m} |" in md
     assert (out / "eval_loss.png").exists() and (out / "routing_hydralora.png").exists()
+    # `peft-hydra report DIR` rebuilds the same tables from results.json alone
+    (out / "results.md").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "results.md").read_text() == md
 
 
 def test_plain_path_and_optional_methods(tmp_path):

@@ -22,11 +22,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="Override `steps` of the config")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="Override `seeds` of the config")
     p.add_argument("--methods", nargs="+", default=None, help="Override `methods` of the config")
+    r = sub.add_parser("report", help="Rewrite results.md and the plots of a comparison from its results.json.")
+    r.add_argument("dir", help="A comparison output folder holding results.json")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.cmd == "report":
+        from .report import rewrite
+
+        if not os.path.exists(os.path.join(args.dir, "results.json")):
+            print(f"peft-hydra report: {args.dir}/results.json does not exist.", file=sys.stderr)
+            return 2
+        print("\n".join(rewrite(args.dir)))
+        return 0
     from .settings import ConfigError, load_config
     from .train import ModelUnavailable
 

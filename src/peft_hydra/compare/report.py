@@ -160,6 +160,16 @@ def write_results(results: dict, eval_examples: list[dict], output_dir: str, cfg
         f.write(markdown(results, plots))
 
 
+def rewrite(output_dir: str) -> list[str]:
+    """Recompute the statistics and rewrite results.md and the plots from an existing results.json."""
+    path = os.path.join(output_dir, "results.json")
+    with open(path) as f:
+        results = json.load(f)
+    examples = [{"id": i, "source": i.split("/")[0]} for i in results["data"]["eval_ids"]]
+    write_results(results, examples, output_dir, results["config"], final=bool(results.get("finished")))
+    return sorted(p for p in os.listdir(output_dir) if p.endswith((".png", ".md", ".json")))
+
+
 def _fmt(x, nd=4):
     return "-" if x is None else f"{x:.{nd}f}"
 
@@ -382,13 +392,17 @@ def make_plots(res: dict, out: str) -> list[str]:
         layers = sorted({layer_of(n) for n in rb[cats[0]]})
         fig, axes = plt.subplots(1, len(layers), figsize=(2.2 * len(layers) + 1.5, 0.22 * len(cats) + 1.8),
                                  squeeze=False, sharey=True)  # fmt: skip
+        mats = {layer: np.array([np.mean([g for n, g in rb[c].items() if layer_of(n) == layer], axis=0) for c in cats])
+                for layer in layers}  # fmt: skip
+        n_heads = next(iter(mats.values())).shape[1]
+        dev = max(1e-3, max(float(np.abs(M - 1.0 / n_heads).max()) for M in mats.values()))
         for ax, layer in zip(axes[0], layers):
-            M = np.array([np.mean([g for n, g in rb[c].items() if layer_of(n) == layer], axis=0) for c in cats])
-            im = ax.imshow(M, aspect="auto", cmap="viridis", vmin=0, vmax=max(0.5, float(M.max())))
+            M = mats[layer]
+            im = ax.imshow(M, aspect="auto", cmap="RdBu_r", vmin=1.0 / n_heads - dev, vmax=1.0 / n_heads + dev)
             ax.set_title(f"layer {layer}", fontsize=8)
             ax.set_xticks(range(M.shape[1]), [f"h{i}" for i in range(M.shape[1])], fontsize=7)
         axes[0][0].set_yticks(range(len(cats)), cats, fontsize=6)
-        fig.colorbar(im, ax=axes[0].tolist(), label="mean gate")
+        fig.colorbar(im, ax=axes[0].tolist(), label=f"mean gate (white = uniform 1/{n_heads})")
         fig.suptitle(f"{r['method']} (seed {r['seed']}): mean gate per head per category", fontsize=9)
         fig.savefig(os.path.join(out, fname), dpi=110, bbox_inches="tight")
         plt.close(fig)
