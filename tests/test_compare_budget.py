@@ -77,10 +77,19 @@ def test_unreachable_budget_reports_nearest():
     assert count_trainable(meta_model(), spec, s.r - 1, s.factor, common()) < s.params
 
 
-def test_budget_too_small_is_a_clear_error():
-    spec = method_specs(["lora"], {})[0]
-    with pytest.raises(BudgetError, match="too small for method 'lora'.*at least"):
-        solve_budget(meta_model(), spec, 100, common(), tol=0.05)
+def test_budget_too_small_is_flagged_and_no_method_is_an_error():
+    from peft_hydra.compare.methods import check_budgets
+
+    specs = method_specs(["lora", "hydralora"], {})
+    solved = {s.name: solve_budget(meta_model(), s, 100, common(), tol=0.05) for s in specs}
+    assert all(s.r == 1 and s.too_small and "budget too small" in s.note for s in solved.values())
+    with pytest.raises(BudgetError, match="No method can meet the budget of 100.*Raise `budget` to at least"):
+        check_budgets(100, solved, specs, 0.05)
+    # one method meeting it is enough: the others are reported as the nearest achievable
+    lora_size = count_trainable(meta_model(), specs[0], 1, -1, common())
+    solved = {s.name: solve_budget(meta_model(), s, lora_size, common(), tol=0.05) for s in specs}
+    assert solved["lora"].within_tolerance and solved["hydralora"].too_small
+    check_budgets(lora_size, solved, specs, 0.05)
 
 
 def test_unknown_method_is_refused():

@@ -176,14 +176,15 @@ class Solved:
     params: int
     within_tolerance: bool
     note: str = ""
+    too_small: bool = False
 
 
 def solve_budget(meta_model, spec: MethodSpec, target: Optional[int], common: dict, tol: float, r_max: int = 1024,
                  default_r: int = 8) -> Solved:  # fmt: skip
     """Find the rank (and LoKr factor) whose trainable-parameter count is nearest to ``target``.
 
-    Raises :class:`BudgetError` when even the smallest adapter (r = 1) is more than ``tol`` above the target.
-    Methods with a fixed size (IA3, full fine-tuning) are counted and reported, never solved.
+    When even the smallest adapter (r = 1) is more than ``tol`` above the target, r = 1 is returned with
+    ``too_small=True`` (see :func:`check_budgets`). Methods with a fixed size (IA3, full fine-tuning) are counted and reported, never solved.
     """
     if spec.kind not in BUDGETED_KINDS or target is None:
         r = int(spec.options.get("r", default_r)) if spec.kind in BUDGETED_KINDS else 0
@@ -229,14 +230,26 @@ def solve_budget(meta_model, spec: MethodSpec, target: Optional[int], common: di
                 best = cand
     assert best is not None and smallest is not None
     if smallest > target * (1 + tol):
-        raise BudgetError(
-            f"Budget {target:,} trainable parameters is too small for method {spec.name!r}: its smallest adapter "
-            f"(r=1) on these modules/layers has {smallest:,}. Raise `budget` to at least {smallest:,}, adapt fewer "
-            "modules or layers, or drop the method."
-        )
-    if not best.within_tolerance:
+        best.note = f"budget too small: its smallest adapter (r=1) has {smallest:,} params"
+        best.too_small = True
+    elif not best.within_tolerance:
         best.note = f"nearest achievable: {100 * (best.params - target) / target:+.1f}% off the budget"
     return best
+
+
+def check_budgets(target: Optional[int], solved: dict[str, Solved], specs: list[MethodSpec], tol: float) -> None:
+    """Raise :class:`BudgetError` when no budgeted method can meet ``target`` within ``tol``."""
+    budgeted = [s for s in specs if s.kind in BUDGETED_KINDS]
+    if target is None or not budgeted or any(solved[s.name].within_tolerance for s in budgeted):
+        return
+    sizes = ", ".join(f"{s.name}: {solved[s.name].params:,}" for s in budgeted)
+    smallest = min(solved[s.name].params for s in budgeted if solved[s.name].too_small) if any(
+        solved[s.name].too_small for s in budgeted) else None  # fmt: skip
+    hint = f" Raise `budget` to at least {smallest:,}," if smallest else " Change `budget`,"
+    raise BudgetError(
+        f"No method can meet the budget of {target:,} trainable parameters within {tol:.0%} (nearest: {sizes})."
+        f"{hint} or adapt more/fewer modules or layers (`target_modules`, `top_layers`)."
+    )
 
 
 def describe_budget(target: int, solved: Solved) -> str:

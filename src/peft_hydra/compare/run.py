@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 
 from . import data as D
-from .methods import build_peft_config, max_rank, method_specs, solve_budget
+from .methods import build_peft_config, check_budgets, max_rank, method_specs, solve_budget
 from .settings import ConfigError
 from .train import compute_cache, decoder_parts, load_model, num_layers, token_losses, train_run
 
@@ -37,6 +37,30 @@ def machine_info(device: str) -> dict[str, Any]:
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def cached_hidden_states(model, examples, first_top, cfg, model_desc, device):
+    """Hidden states entering layer ``first_top``; with ``cache_dir`` they are also kept on disk, per example (keyed
+    by model, layer and token ids), so that a rerun or another config on the same model reuses them."""
+    import hashlib
+
+    cache_dir = cfg.get("cache_dir")
+    if not cache_dir:
+        return compute_cache(model, examples, first_top, int(cfg["eval_batch_size"]), device), 0
+    key = hashlib.sha1(json.dumps([model_desc, cfg["model"], cfg["dtype"], first_top], sort_keys=True,
+                                  default=str).encode()).hexdigest()[:16]  # fmt: skip
+    path = os.path.join(os.path.expanduser(cache_dir), f"hidden_{key}.pt")
+    store = torch.load(path, map_location="cpu") if os.path.exists(path) else {}
+    ids = [hashlib.sha1(json.dumps(ex["input_ids"]).encode()).hexdigest() for ex in examples]
+    missing = [i for i, h in enumerate(ids) if h not in store]
+    if missing:
+        sub = [dict(examples[i]) for i in missing]
+        for h, hs in zip([ids[i] for i in missing], compute_cache(model, sub, first_top, int(cfg["eval_batch_size"]), device)):
+            store[h] = hs.cpu()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(store, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return [store[h].to(device) for h in ids], len(examples) - len(missing)
 
 
 def verify_cache(model, examples, cache, first_top: int, device, tol: float = 1e-4) -> float:
@@ -91,13 +115,13 @@ def run_comparison(cfg: dict, output_dir: str, command: str, log=print) -> dict[
     if cfg["cache_lower_layers"]:
         decoder_parts(model)
         t = time.time()
-        cache = compute_cache(model, all_ex, first_top, int(cfg["eval_batch_size"]), device)
+        cache, n_reused = cached_hidden_states(model, all_ex, first_top, cfg, model_desc, device)
         diff = verify_cache(model, tokd["eval"], cache, first_top, device)
         first_top_arg = first_top
         mb = sum(h.numel() * h.element_size() for h in cache) / 2**20
         cache_info = {"enabled": True, "first_top_layer": first_top, "seconds": time.time() - t, "size_mb": mb,
-                      "max_abs_loss_diff_vs_full_forward": diff}  # fmt: skip
-        log(f"cached layers 0..{first_top - 1} for {len(all_ex)} examples in {cache_info['seconds']:.1f}s "
+                      "reused_from_disk": n_reused, "max_abs_loss_diff_vs_full_forward": diff}  # fmt: skip
+        log(f"cached layers 0..{first_top - 1} for {len(all_ex)} examples ({n_reused} from disk) in {cache_info['seconds']:.1f}s "
             f"({mb:.0f} MB); cached vs full forward loss max |diff| = {diff:.2e}")  # fmt: skip
 
     # number of heads
@@ -129,6 +153,7 @@ def run_comparison(cfg: dict, output_dir: str, command: str, log=print) -> dict[
         log(f"budget {spec.name}: r={s.r}" + (f" factor={s.factor}" if spec.kind == "lokr" else "")
             + f" -> {s.params:,} trainable params {s.note}")  # fmt: skip
     del meta
+    check_budgets(cfg["budget"], solved, specs, cfg["budget_tolerance"])
 
     results: dict[str, Any] = {
         "model": model_desc,

@@ -18,6 +18,7 @@ DEFAULTS: dict[str, Any] = {
     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "top_layers": 4,  # adapt the same modules of the top L layers only (null: all layers)
     "cache_lower_layers": True,  # run the frozen lower layers once per example and reuse their output
+    "cache_dir": "~/.cache/peft_hydra/compare",  # keep cached hidden states on disk for reruns (null: off)
     "budget": None,  # target trainable parameters (null: every method at rank `r`)
     "budget_tolerance": 0.05,
     "r": 8,
