@@ -160,7 +160,9 @@ def max_rank(spec: MethodSpec, r: int, factor: int, common: dict, n: int) -> dic
     if spec.kind == "loha":
         return {"value": r * r, "formula": "r^2"}
     if spec.kind == "lokr":
-        return {"value": None, "formula": f"rank(W1) x r (factor={factor})"}
+        if factor > 0:
+            return {"value": factor * r, "formula": f"rank(W1) x r <= factor x r (factor={factor})"}
+        return {"value": None, "formula": "rank(W1) x r (factor=-1: W1 near sqrt(d) x sqrt(d))"}
     if spec.kind == "hydra":
         n = int(spec.options.get("num_experts", n))
         if spec.options.get("share_a", True) is False:
