@@ -395,6 +395,9 @@ def make_plots(res: dict, out: str) -> list[str]:
         mats = {layer: np.array([np.mean([g for n, g in rb[c].items() if layer_of(n) == layer], axis=0) for c in cats])
                 for layer in layers}  # fmt: skip
         n_heads = next(iter(mats.values())).shape[1]
+        if n_heads < 2 or all(float(np.abs(M - 1.0 / n_heads).max()) < 1e-6 for M in mats.values()):
+            plt.close(fig)  # fixed gates (uniform or N = 1): nothing routed, nothing to show
+            continue
         dev = max(1e-3, max(float(np.abs(M - 1.0 / n_heads).max()) for M in mats.values()))
         for ax, layer in zip(axes[0], layers):
             M = mats[layer]
