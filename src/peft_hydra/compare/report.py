@@ -193,7 +193,11 @@ def markdown(res: dict, plots: list[str]) -> str:
     tl = cfg["top_layers"]
     L.append(f"- Adapted: modules {cfg['target_modules']} of the top {tl or 'all'} layers (identical for every method)."
              + (f" Frozen layers below {c['first_top_layer']} were run once per example and cached "
-                f"({c['seconds']:.0f} s, {c['size_mb']:.0f} MB; cached vs full forward loss max |diff| "
+                f"({c['seconds']:.0f} s, {c['size_mb']:.0f} MB"
+                + (f"; {c['reused_from_disk']} of {d['n']['train'] + d['n']['val'] + d['n']['eval']} examples' hidden "
+                   "states reused from the disk cache of an earlier run, so the wall time above excludes computing "
+                   "them" if c.get("reused_from_disk") else "")
+                + "; cached vs full forward loss max |diff| "
                 f"{c['max_abs_loss_diff_vs_full_forward']:.1e}); the LM head runs on answer tokens only."
                 if c["enabled"] else " Plain full forward (no caching)."))  # fmt: skip
     L.append(f"- Training: {cfg['steps']} steps, batch {cfg['batch_size']}, AdamW (no weight decay), linear warmup "
