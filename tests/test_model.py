@@ -382,3 +382,16 @@ def test_aux_loss_with_gradient_checkpointing(tiny_llama, input_ids):
     loss.backward()
     routers = [p for n, p in model.named_parameters() if ".hydra_router." in n]
     assert routers and all(p.grad is not None and torch.isfinite(p.grad).all() for p in routers)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_router_stats_count_each_token_once_with_gradient_checkpointing(tiny_llama, input_ids, use_reentrant):
+    # checkpointing recomputes every forward inside backward(); the statistics must not count those tokens twice
+    base = tiny_llama()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model = get_peft_model(base, hydra(r=4, num_experts=3, init_weights=False))
+    model.train()
+    model.base_model.reset_router_stats()
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    layers = model.base_model.router_stats()["layers"]
+    assert layers and {s["tokens"] for s in layers.values()} == {input_ids.numel()}

@@ -34,6 +34,13 @@ def no_exact_merge_message(adapter: str, num_experts: int) -> str:
     )
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (where checkpointed forwards are recomputed)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
 class HydraLoraLayer(BaseTunerLayer):
     adapter_layer_names: tuple[str, ...] = ("hydra_A", "hydra_B", "hydra_router")
     other_param_names: tuple[str, ...] = (
@@ -130,6 +137,8 @@ class HydraLoraLayer(BaseTunerLayer):
         return delta
 
     def _record_router(self, adapter: str, probs: torch.Tensor, gates: torch.Tensor) -> None:
+        if _in_backward():
+            return  # gradient checkpointing recomputes this forward inside backward(): it was recorded already
         self._router_out[adapter] = (probs, gates)
         if torch.compiler.is_compiling():
             return  # running statistics are eager-only; the balance loss above works compiled too

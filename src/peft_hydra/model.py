@@ -162,7 +162,9 @@ class HydraLoraModel(BaseTuner):
         """``router_aux_loss_coef`` x the mean Switch balance loss over the routed layers, from the last forward.
 
         Returns a 0-dim tensor (0 when the coefficient is 0 or nothing was routed). Add it to the task loss before
-        ``backward()``; ``peft_hydra.integrations`` does it for ``transformers.Trainer``.
+        ``backward()``; ``peft_hydra.integrations`` does it for ``transformers.Trainer``. With gradient
+        checkpointing use ``use_reentrant=False`` (transformers' default): the reentrant variant runs the forward
+        without grad, so the loss would carry no gradient to the routers.
         """
         adapter_name = adapter_name or self.active_adapters[0]
         coef = self.peft_config[adapter_name].router_aux_loss_coef
