@@ -227,14 +227,17 @@ def check_adapter_state_dict(model: nn.Module, config: HydraLoraConfig, adapter_
     mismatched = sorted(k for k in set(expected) & set(got) if tuple(expected[k]) != got[k])
     if not (missing or unexpected or mismatched):
         return
+    def file_key(key: str) -> str:  # the key as stored in adapter_model.safetensors (adapter name stripped)
+        return HydraLoraModel._remove_adapter_name_from_key(key, adapter_name)
+
     lines = [f"The HydraLoRA checkpoint for adapter '{adapter_name}' does not match its config:"]
     for title, keys in (("missing", missing), ("unexpected", unexpected)):
         if keys:
-            lines.append(f"- {len(keys)} {title} tensor(s), e.g. " + ", ".join(keys[:3]))
+            lines.append(f"- {len(keys)} {title} tensor(s), e.g. " + ", ".join(file_key(k) for k in keys[:3]))
     if mismatched:
         lines.append(f"- {len(mismatched)} tensor(s) with another shape, e.g.:")
     for k in mismatched[:3]:
-        lines.append(f"  {k}: shape {got[k]} in the checkpoint, {tuple(expected[k])} from the config")
+        lines.append(f"  {file_key(k)}: shape {got[k]} in the checkpoint, {tuple(expected[k])} from the config")
     lines.append(
         f"The config says r={config.r}, num_experts={config.num_experts}, share_a={config.share_a}, "
         f"router_input={config.router_input!r}, fixed_gates={config.fixed_gates!r}, "
