@@ -293,6 +293,7 @@ INVALID = [
     ("fixed_gates", dict(num_experts=3, fixed_gates=[0.5, 0.5])),
     ("fixed_gates", dict(num_experts=2, fixed_gates=[-0.5, 1.5])),
     ("fixed_gates", dict(fixed_gates="mean")),
+    ("fixed_gates", dict(num_experts=3, fixed_gates=[0, 0, 0])),  # an adapter that would do nothing
     ("router_temperature", dict(router_temperature=-1.0)),
     ("router_temperature", dict(router_temperature=0)),
     ("router_aux_loss_coef", dict(router_aux_loss_coef=-0.01)),
@@ -395,3 +396,11 @@ def test_router_stats_count_each_token_once_with_gradient_checkpointing(tiny_lla
     model(input_ids=input_ids, labels=input_ids).loss.backward()
     layers = model.base_model.router_stats()["layers"]
     assert layers and {s["tokens"] for s in layers.values()} == {input_ids.numel()}
+
+
+def test_router_outputs_of_an_unknown_adapter_raise(tiny_llama, input_ids):
+    model = get_peft_model(tiny_llama(), hydra(r=4, num_experts=3))
+    model(input_ids=input_ids)
+    for call in (model.base_model.router_stats, model.base_model.hydra_aux_loss):
+        with pytest.raises(ValueError, match=r"Unknown adapter 'typo'.*default"):
+            call("typo")

@@ -158,11 +158,12 @@ class HydraLoraConfig(PeftConfig):
                 isinstance(gates, (list, tuple))
                 and len(gates) == self.num_experts
                 and all(isinstance(g, (int, float)) and not isinstance(g, bool) and g >= 0 for g in gates)
+                and sum(gates) > 0
             )
             if not ok:
                 raise ValueError(
                     "HydraLoraConfig.fixed_gates must be None (learned router), 'uniform', or a list of "
-                    f"num_experts={self.num_experts} non-negative numbers, got {gates!r}."
+                    f"num_experts={self.num_experts} non-negative numbers, not all zero, got {gates!r}."
                 )
             if isinstance(gates, tuple):
                 self.fixed_gates = list(gates)

@@ -155,6 +155,13 @@ class HydraLoraModel(BaseTuner):
                 raise ValueError(no_exact_merge_message(name, config.num_experts))
 
     # ------------------------------------------------------------------------------ router loss and stats
+    def _known_adapter(self, adapter_name: Optional[str]) -> str:
+        if adapter_name is None:
+            return self.active_adapters[0]
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Unknown adapter '{adapter_name}'; this model has {sorted(self.peft_config)}.")
+        return adapter_name
+
     def _hydra_layers(self):
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, HydraLoraLayer)]
 
@@ -166,7 +173,7 @@ class HydraLoraModel(BaseTuner):
         checkpointing use ``use_reentrant=False`` (transformers' default): the reentrant variant runs the forward
         without grad, so the loss would carry no gradient to the routers.
         """
-        adapter_name = adapter_name or self.active_adapters[0]
+        adapter_name = self._known_adapter(adapter_name)
         coef = self.peft_config[adapter_name].router_aux_loss_coef
         losses = [loss for _, m in self._hydra_layers() if (loss := m.aux_loss(adapter_name)) is not None]
         if coef == 0 or not losses:
@@ -177,7 +184,7 @@ class HydraLoraModel(BaseTuner):
     def router_stats(self, adapter_name: Optional[str] = None) -> dict[str, Any]:
         """Router statistics since the last :meth:`reset_router_stats`: ``{"layers": {name: {"mean_gate": [N],
         "entropy": float, "tokens": int}}, "mean_gate": [N] (averaged over layers), "entropy": float}``."""
-        adapter_name = adapter_name or self.active_adapters[0]
+        adapter_name = self._known_adapter(adapter_name)
         layers = {}
         for name, module in self._hydra_layers():
             stats = module.router_stats(adapter_name)
