@@ -152,8 +152,8 @@ def test_import_twice_and_reload_register_once():
     import peft_hydra as again  # noqa: F401
 
     importlib.reload(peft_hydra)
-    _registry.register()
-    _registry.register()
+    peft_hydra._register()
+    peft_hydra._register()
     assert len(PeftType) == n_members
     assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.HYDRALORA] is peft_hydra.HydraLoraModel
 

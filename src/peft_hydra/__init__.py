@@ -1,23 +1,28 @@
 """peft-hydra: HydraLoRA as a first-class Hugging Face PEFT method.
 
 ``import peft_hydra`` registers the PEFT type ``HYDRALORA`` (prefix ``hydra_``) with PEFT, so that
-``get_peft_model``, ``PeftModel.from_pretrained`` and ``AutoPeftModelForCausalLM`` work with HydraLoRA adapters.
+``get_peft_model``, ``PeftModel.from_pretrained`` and ``AutoPeftModelForCausalLM`` work with HydraLoRA adapters. It
+does nothing else: no other library's classes are changed. (After ``pip install peft-hydra`` a small start-up hook
+imports this package right after ``peft``, so that adapters also load in a script that never imports it; set
+``PEFT_HYDRA_AUTOLOAD=0`` to switch that off. See ``_peft_hydra_autoload.py``.)
 """
 
 from . import _registry
-from .config import LLAMA_LIKE_TARGET_MODULES, HydraLoraConfig
-from .heads import suggest_num_experts
+from .config import LLAMA_LIKE_TARGET_MODULES, METHOD_NAME, PEFT_TYPE_NAME, PREFIX, HydraLoraConfig, resolve_gates
 from .layer import HydraLoraLayer, Linear
 from .model import HydraLoraModel
 
-_registry.register()
 
-# Ecosystem (Trainer/TRL, Hub card, LoRA export): see docs/ecosystem.md
-from .export import export_lora, measure_mean_gates
-from .hub import install_hub_hooks
-from .integrations import hydra_compute_loss, prepare_trainer, router_metrics
+def _register() -> None:
+    """Register HydraLoRA with PEFT (idempotent); runs on ``import peft_hydra``."""
+    _registry.register(HydraLoraConfig, HydraLoraModel, method_name=METHOD_NAME, prefix=PREFIX)
 
-install_hub_hooks()
+
+_register()
+
+from .export import export_lora, measure_mean_gates  # noqa: E402
+from .heads import suggest_num_experts  # noqa: E402  (needs the [compare] extra when called: scikit-learn)
+from .integrations import hydra_compute_loss, prepare_trainer, router_metrics  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -27,11 +32,14 @@ __all__ = [
     "HydraLoraModel",
     "LLAMA_LIKE_TARGET_MODULES",
     "Linear",
+    "PEFT_TYPE_NAME",
+    "PREFIX",
     "__version__",
-    "suggest_num_experts",
     "export_lora",
     "hydra_compute_loss",
     "measure_mean_gates",
     "prepare_trainer",
+    "resolve_gates",
     "router_metrics",
+    "suggest_num_experts",
 ]

@@ -1,18 +1,17 @@
 """The only place where peft-hydra touches PEFT's registration internals.
 
 PEFT (0.21) has no plugin entry point: ``register_peft_method`` only accepts names that are already members of the
-``PeftType`` enum. So we add the member ``HYDRALORA`` ourselves, exactly once, and then register through PEFT's own
+``PeftType`` enum. So we add the member (``HYDRALORA``) ourselves, exactly once, and then register through PEFT's own
 function. Everything version-specific about that lives in this module and is covered by ``tests/test_registry.py``
 (which also runs :func:`add_str_enum_member` under every Python 3.10-3.13 found on the machine).
+
+This module imports nothing from the package: ``peft_hydra/__init__.py`` passes the classes and names in, as PEFT's
+own tuner packages call ``register_peft_method`` from their ``__init__``.
 """
 
 from __future__ import annotations
 
 import enum
-
-PEFT_TYPE_NAME = "HYDRALORA"
-METHOD_NAME = "hydralora"
-PREFIX = "hydra_"
 
 
 def add_str_enum_member(enum_cls: type[enum.Enum], name: str) -> enum.Enum:
@@ -47,33 +46,32 @@ def add_str_enum_member(enum_cls: type[enum.Enum], name: str) -> enum.Enum:
     return member
 
 
-def register() -> None:
-    """Register HydraLoRA with PEFT (idempotent). Called on ``import peft_hydra``."""
-    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+def register(config_cls: type, model_cls: type, *, method_name: str, prefix: str) -> None:
+    """Register ``config_cls`` / ``model_cls`` with PEFT as ``method_name`` (idempotent).
+
+    Adds ``method_name.upper()`` to ``peft.utils.PeftType`` first (PEFT only registers existing members).
+    """
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import PeftType, register_peft_method
 
-    from .config import HydraLoraConfig
-    from .model import HydraLoraModel
-
-    peft_type = add_str_enum_member(PeftType, PEFT_TYPE_NAME)
+    peft_type_name = method_name.upper()
+    peft_type = add_str_enum_member(PeftType, peft_type_name)
     registered = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
-    if registered is HydraLoraModel:
+    if registered is model_cls:
         return
-    if registered is not None and _same_origin(registered, HydraLoraModel):
+    if registered is not None and _same_origin(registered, model_cls):
         # The same module was re-executed (importlib.reload, IPython autoreload): follow the new classes.
-        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-        PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = HydraLoraConfig
-        PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = HydraLoraModel
+        PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
+        PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
         return
     if registered is not None:
         raise RuntimeError(
-            f"PEFT type {PEFT_TYPE_NAME} is already registered to {registered.__module__}.{registered.__qualname__}, "
-            f"not to {HydraLoraModel.__module__}.HydraLoraModel. This happens when peft_hydra is imported under two "
-            "module paths (e.g. `src.peft_hydra` and `peft_hydra`): install the package (`pip install -e .`) and "
+            f"PEFT type {peft_type_name} is already registered to {registered.__module__}.{registered.__qualname__}, "
+            f"not to {model_cls.__module__}.{model_cls.__qualname__}. This happens when peft_hydra is imported under "
+            "two module paths (e.g. `src.peft_hydra` and `peft_hydra`): install the package (`pip install -e .`) and "
             "always `import peft_hydra`."
         )
-    register_peft_method(name=METHOD_NAME, config_cls=HydraLoraConfig, model_cls=HydraLoraModel, prefix=PREFIX)
+    register_peft_method(name=method_name, config_cls=config_cls, model_cls=model_cls, prefix=prefix)
 
 
 def _same_origin(a: type, b: type) -> bool:

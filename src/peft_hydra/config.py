@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Mapping, Optional, Union
 
+import torch
 from peft.config import PeftConfig
 
-from ._registry import PEFT_TYPE_NAME
+#: The PEFT type added to ``peft.utils.PeftType`` on ``import peft_hydra`` (see ``_registry.py``).
+PEFT_TYPE_NAME = "HYDRALORA"
+#: The method name passed to ``peft.utils.register_peft_method``.
+METHOD_NAME = "hydralora"
+#: The prefix of every HydraLoRA tensor name: PEFT freezes every parameter whose name lacks it.
+PREFIX = "hydra_"
 
 #: Default ``target_modules`` for Llama-like decoders (Llama, Mistral, Qwen2/3, Gemma, SmolLM, ...): every linear
-#: layer of attention and MLP, as in the HydraLoRA authors' training scripts. Used when ``target_modules`` is None
-#: and the model's ``model_type`` is one of :data:`LLAMA_LIKE_MODEL_TYPES`; other models fall back to PEFT's LoRA
-#: defaults.
+#: layer of attention and MLP. This is this package's default, NOT the HydraLoRA authors' choice: their training
+#: scripts adapt the MLP only (gate_proj, up_proj, down_proj; see :meth:`HydraLoraConfig.paper_preset`). Used when
+#: ``target_modules`` is None and the model's ``model_type`` is one of :data:`LLAMA_LIKE_MODEL_TYPES`; other models
+#: fall back to PEFT's LoRA defaults.
 LLAMA_LIKE_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LLAMA_LIKE_MODEL_TYPES = (
     "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "gemma", "gemma2", "gemma3_text", "phi3",
@@ -60,11 +67,16 @@ class HydraLoraConfig(PeftConfig):
         router_temperature (`float`): Softmax temperature of the router (> 0).
         share_a (`bool`): True (HydraLoRA): one ``A`` shared by all heads. False: every head has its own ``A_i`` (the
             paper's "LoRA-split" ablation, routed like HydraLoRA); ``A`` then has N*r rows.
-        fixed_gates (`str | list[float] | None`): None: learned router. ``"uniform"`` or N non-negative weights: fixed
-            gates, no router (the paper's uniform-gate ablation). Fixed gates also make an exact merge possible.
+        fixed_gates (`str | list[float] | dict | None`): None: learned router. Fixed gates, no router: ``"uniform"``
+            (the paper's uniform-gate ablation), N non-negative weights, or per-layer weights ``{layer_name: [N]}``
+            (e.g. from ``peft_hydra.measure_mean_gates``). Fixed gates also make an exact merge possible.
         router_aux_loss_coef (`float`): Weight of the Switch-style load-balancing loss that
             ``model.hydra_aux_loss()`` returns (0 = off, the default). The loss is not added to the model's loss by
             itself: add it in the training loop (see ``peft_hydra.integrations``).
+        dropout_per_head (`bool`): False (default): one dropout mask on ``x`` shared by all heads, so ``A dropout(x)``
+            is computed once. True: every head draws its own mask, as the authors' per-head loop does
+            (``sum_i w_i B_i A dropout_i(x)``); costs N times the ``A`` GEMM in training (no effect in eval mode or
+            with ``lora_dropout=0``).
     """
 
     r: int = field(default=8, metadata={"help": "Rank of the shared A and of each B head."})
@@ -96,11 +108,16 @@ class HydraLoraConfig(PeftConfig):
     top_k: Optional[int] = field(default=None, metadata={"help": "None: dense gates; k: keep the k largest."})
     router_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the router."})
     share_a: bool = field(default=True, metadata={"help": "False: one A per head (the LoRA-split ablation)."})
-    fixed_gates: Optional[Union[str, list[float]]] = field(
-        default=None, metadata={"help": "None: learned router; 'uniform' or N weights: fixed gates, no router."}
+    fixed_gates: Optional[Union[str, list[float], dict[str, list[float]]]] = field(
+        default=None,
+        metadata={"help": "None: learned router; 'uniform', N weights or {layer: N weights}: fixed gates, no router."},
     )
     router_aux_loss_coef: float = field(
         default=0.0, metadata={"help": "Weight of the load-balancing loss returned by model.hydra_aux_loss()."}
+    )
+    dropout_per_head: bool = field(
+        default=False,
+        metadata={"help": "True: every head draws its own dropout mask on x (the authors' per-head loop)."},
     )
     target_parameters: Optional[list[str]] = field(
         default=None, metadata={"help": "Not supported by HydraLoRA; must stay None."}
@@ -153,20 +170,15 @@ class HydraLoraConfig(PeftConfig):
                 f"HydraLoraConfig.router_aux_loss_coef must be >= 0 (0 = off), got {self.router_aux_loss_coef!r}."
             )
         if self.fixed_gates is not None:
-            gates = self.fixed_gates
-            ok = gates == "uniform" or (
-                isinstance(gates, (list, tuple))
-                and len(gates) == self.num_experts
-                and all(isinstance(g, (int, float)) and not isinstance(g, bool) and g >= 0 for g in gates)
-                and sum(gates) > 0
-            )
-            if not ok:
-                raise ValueError(
-                    "HydraLoraConfig.fixed_gates must be None (learned router), 'uniform', or a list of "
-                    f"num_experts={self.num_experts} non-negative numbers, not all zero, got {gates!r}."
-                )
-            if isinstance(gates, tuple):
-                self.fixed_gates = list(gates)
+            if isinstance(self.fixed_gates, tuple):
+                self.fixed_gates = list(self.fixed_gates)
+            if isinstance(self.fixed_gates, Mapping):
+                if not self.fixed_gates:
+                    raise ValueError(gates_error(self.fixed_gates, self.num_experts, "HydraLoraConfig.fixed_gates"))
+                for name, gates in self.fixed_gates.items():
+                    resolve_gates(gates, self.num_experts, what=f"HydraLoraConfig.fixed_gates[{name!r}]")
+            else:
+                resolve_gates(self.fixed_gates, self.num_experts, what="HydraLoraConfig.fixed_gates")
             if self.top_k is not None:
                 raise ValueError("HydraLoraConfig.top_k applies to a learned router: set top_k=None with fixed_gates.")
             if self.router_aux_loss_coef > 0:
@@ -189,10 +201,121 @@ class HydraLoraConfig(PeftConfig):
         """True when the adapter has a learned router (N > 1 and no fixed gates)."""
         return self.num_experts > 1 and self.fixed_gates is None
 
-    def gate_vector(self) -> Optional[list[float]]:
-        """The fixed gates as a list of N floats (None with a learned router)."""
+    def layer_gates(self, layer_name: Optional[str] = None) -> Optional[torch.Tensor]:
+        """The fixed gates of the layer ``layer_name`` as a float32 (N,) tensor; None with a learned router."""
         if self.fixed_gates is None:
-            return [1.0] if self.num_experts == 1 else None
-        if self.fixed_gates == "uniform":
-            return [1.0 / self.num_experts] * self.num_experts
-        return [float(g) for g in self.fixed_gates]
+            return torch.ones(1) if self.num_experts == 1 else None
+        return resolve_gates(self.fixed_gates, self.num_experts, layer_name=layer_name, what="HydraLoraConfig.fixed_gates")
+
+    @classmethod
+    def paper_preset(cls, **overrides: Any) -> "HydraLoraConfig":
+        """The HydraLoRA authors' configuration (github.com/Clin0212/HydraLoRA), every value overridable by keyword.
+
+        ==================== ========================================== ===============================================
+        field                value                                      where it comes from in their repository
+        ==================== ========================================== ===============================================
+        ``target_modules``   ``["gate_proj", "up_proj", "down_proj"]``  ``lora_trainable`` in ``HydraLoRA/fine-tuning.sh``
+                                                                        and ``fine-tuning_dp.sh`` (the MLP only)
+        ``r``                4                                          ``lora_rank=4`` (same scripts)
+        ``lora_alpha``       32 (scaling ``lora_alpha / r`` = 8)        ``lora_alpha=32`` (same scripts);
+                                                                        ``self.scaling = self.lora_alpha / self.r`` in
+                                                                        ``HydraLoRA/peft/tuners/lora.py``
+        ``lora_dropout``     0.05                                       ``lora_dropout=0.05`` (same scripts)
+        ``num_experts``      4                                          ``lora_b_nums=4`` (same scripts, passed as
+                                                                        ``--lora_nums``)
+        ``dropout_per_head`` True                                       ``HydraLoRA/peft/tuners/lora.py``: the forward
+                                                                        loops over the heads and calls
+                                                                        ``self.lora_dropout(x)`` once per head
+        ``router_input``     ``"x"``, no bias, fp32 softmax, dense      ``lora_route = nn.Linear(in_features, lora_nums,
+                                                                        bias=False)`` applied to ``x``, softmax over the
+                                                                        heads in float32 (same file)
+        ``task_type``        ``"CAUSAL_LM"``                            ``TaskType.CAUSAL_LM`` in
+                                                                        ``HydraLoRA/fine-tuning.py``
+        ==================== ========================================== ===============================================
+
+        Initialisation matches theirs with the default ``init_weights=True`` (A Kaiming-uniform, every B zero, the
+        router ``nn.Linear``'s default Kaiming-uniform); no balance loss (their ``blc_weight`` only acts with task
+        labels, which their script does not pass), so ``router_aux_loss_coef=0``.
+
+        Their training arguments (``HydraLoRA/fine-tuning.sh`` / ``fine-tuning.py``), for ``transformers.TrainingArguments``:
+        ``learning_rate=2e-4, lr_scheduler_type="cosine", warmup_ratio=0.03, weight_decay=0, num_train_epochs=1,
+        bf16=True, per_device_train_batch_size=1, gradient_accumulation_steps=8`` (times 4 GPUs in
+        ``fine-tuning_dp.sh``), ``max_seq_length=1024, seed=41``.
+
+        Example::
+
+            config = HydraLoraConfig.paper_preset()                  # their setting
+            config = HydraLoraConfig.paper_preset(num_experts=3)     # e.g. N from peft_hydra.suggest_num_experts
+        """
+        values: dict[str, Any] = dict(
+            target_modules=["gate_proj", "up_proj", "down_proj"],
+            r=4,
+            lora_alpha=32,
+            lora_dropout=0.05,
+            num_experts=4,
+            dropout_per_head=True,
+            router_input="x",
+            task_type="CAUSAL_LM",
+        )
+        values.update(overrides)
+        return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------------------- gates
+#: What every API that takes gates (``fixed_gates``, ``merge``, ``merge_and_unload``, ``export_lora``) accepts.
+GATES_FORMS = (
+    "'uniform', a list of num_experts non-negative numbers (not all zero), or a per-layer mapping "
+    "{layer_name: [num_experts numbers]} such as peft_hydra.measure_mean_gates(model, batches)"
+)
+
+
+def gates_error(gates: Any, num_experts: int, what: str = "gates") -> str:
+    """The one error text for gates that cannot be used."""
+    shown = gates if not isinstance(gates, torch.Tensor) else gates.tolist()
+    return f"`{what}` must be {GATES_FORMS.replace('num_experts', f'num_experts={num_experts}', 1)}; got {shown!r}."
+
+
+def resolve_gates(
+    gates: Any, num_experts: int, layer_name: Optional[str] = None, what: str = "gates"
+) -> torch.Tensor:
+    """Parse fixed gates into a float32 CPU tensor of shape (num_experts,). The one parser of every gate argument.
+
+    ``gates`` is ``"uniform"``, N non-negative finite numbers (list, tuple or tensor) that are not all zero, or a
+    mapping ``{layer_name: gates}`` (then ``layer_name`` picks the entry; per-layer gates as measured by
+    :func:`peft_hydra.measure_mean_gates`). Anything else raises a ValueError with :func:`gates_error`'s text.
+    """
+    if isinstance(gates, Mapping):
+        if layer_name is None or layer_name not in gates:
+            examples = ", ".join(repr(k) for k in list(gates)[:2])
+            raise ValueError(
+                f"`{what}` is a per-layer mapping without an entry for layer {layer_name!r} (it has {len(gates)} "
+                f"entries, e.g. {examples}): use the output of peft_hydra.measure_mean_gates on this model."
+            )
+        return resolve_gates(gates[layer_name], num_experts, what=f"{what}[{layer_name!r}]")
+    if isinstance(gates, str):
+        if gates != "uniform":
+            raise ValueError(gates_error(gates, num_experts, what))
+        return torch.full((num_experts,), 1.0 / num_experts)
+    if isinstance(gates, bool) or gates is None:
+        raise ValueError(gates_error(gates, num_experts, what))
+    try:
+        if isinstance(gates, (list, tuple)) and any(isinstance(g, bool) for g in gates):
+            raise TypeError
+        tensor = torch.as_tensor(gates).detach().to("cpu", torch.float32).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(gates_error(gates, num_experts, what)) from None
+    if tensor.numel() != num_experts or not torch.isfinite(tensor).all() or (tensor < 0).any() or tensor.sum() <= 0:
+        raise ValueError(gates_error(gates, num_experts, what))
+    return tensor
+
+
+def no_exact_merge_message(adapter: str, num_experts: int) -> str:
+    """The one error text for merging / exporting an adapter with a learned router without fixed gates."""
+    return (
+        f"Cannot merge or export HydraLoRA adapter '{adapter}' without fixed gates: it has a learned router that "
+        f"routes every token through its own mix of {num_experts} heads, so no single weight matrix equals it. Pass "
+        "fixed gates (gates='uniform', a list of "
+        f"{num_experts} numbers, or the per-layer mean gates of peft_hydra.measure_mean_gates(model, batches)) to "
+        "`merge_and_unload` / `merge_adapter` / `peft_hydra.export_lora`; they merge sum_i g_i B_i A, the model with "
+        "those gates fixed (an approximation of the routed model). Or keep the adapter unmerged."
+    )

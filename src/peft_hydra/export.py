@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional
 
 import torch
 
+from . import functional as HF
+from .config import PEFT_TYPE_NAME, PREFIX, resolve_gates
 from .layer import HydraLoraLayer
+from .model import GatesArg
 
 __all__ = ["export_lora", "measure_mean_gates"]
-
-GatesArg = Union[None, str, Sequence[float], torch.Tensor, Mapping[str, Sequence[float]]]
 
 
 def _tuner(model):
@@ -60,29 +61,9 @@ def measure_mean_gates(model, batches: Iterable, adapter_name: Optional[str] = N
 
 
 def _layer_gates(layer: HydraLoraLayer, name: str, adapter: str, gates: GatesArg) -> torch.Tensor:
-    n = layer.num_experts[adapter]
-    if isinstance(gates, Mapping):
-        if name not in gates:
-            raise ValueError(
-                f"`gates` is a per-layer mapping but has no entry for layer '{name}' (it has {len(gates)} entries, "
-                "e.g. " + ", ".join(list(gates)[:2]) + "). Use the output of measure_mean_gates on this model."
-            )
-        gates = gates[name]
-    if isinstance(gates, str):
-        if gates != "uniform":
-            raise ValueError(f"`gates` must be 'uniform', N numbers or a {{layer: N numbers}} mapping, got {gates!r}.")
-        return torch.full((n,), 1.0 / n)
-    if gates is None:
-        if adapter in layer.hydra_router:
-            raise ValueError(
-                f"Adapter '{adapter}' has a learned router: pass fixed gates to export it, e.g. gates='uniform', "
-                f"gates=[...{n} numbers...] or gates=peft_hydra.measure_mean_gates(model, batches)."
-            )
-        return layer._fixed_gates(adapter, None).detach().float().cpu()
-    g = torch.as_tensor(gates, dtype=torch.float32).flatten().cpu()
-    if g.numel() != n or not torch.isfinite(g).all():
-        raise ValueError(f"`gates` must be {n} finite numbers (one per head) for layer '{name}', got {gates!r}.")
-    return g
+    """The fixed gates of ``layer`` for the export: ``gates`` parsed by the one parser (``resolve_gates``), or the
+    adapter's own fixed gates; a learned router without gates raises :func:`no_exact_merge_message`'s error."""
+    return layer._fixed_gates(adapter, gates, layer_name=name).detach().float().cpu()
 
 
 def export_lora(
@@ -119,10 +100,10 @@ def export_lora(
     if adapter not in tuner.peft_config:
         raise ValueError(f"Unknown adapter '{adapter}'; the model has {sorted(tuner.peft_config)}.")
     config = tuner.peft_config[adapter]
-    if str(getattr(config.peft_type, "value", config.peft_type)) != "HYDRALORA":
+    if str(getattr(config.peft_type, "value", config.peft_type)) != PEFT_TYPE_NAME:
         raise ValueError(f"Adapter '{adapter}' is a {config.peft_type} adapter, not HydraLoRA.")
     if isinstance(gates, Mapping) and not gates:
-        raise ValueError("`gates` is an empty mapping: pass 'uniform', N numbers, or measure_mean_gates(...).")
+        resolve_gates(gates, config.num_experts)  # raises the one gates error
     factor = 1 if config.share_a else config.num_experts
     peft_model = model.module if hasattr(model, "module") else model
     prefix = "base_model.model."
@@ -142,10 +123,7 @@ def export_lora(
         lora_r = r * factor
         lora_scaling = layer.lora_alpha[adapter] / (lora_r**0.5 if config.use_rslora else lora_r)
         c = layer.scaling[adapter] / lora_scaling
-        if config.share_a:
-            lora_B = c * torch.einsum("n,onr->or", g, B)
-        else:
-            lora_B = c * (B * g[None, :, None]).reshape(out_features, n * r)
+        lora_B = c * HF.gated_heads(B, g, shared_a=config.share_a)
         dtype = layer.hydra_B[adapter].dtype
         state[f"{prefix}{name}.lora_A.weight"] = A.to(dtype).contiguous()
         state[f"{prefix}{name}.lora_B.weight"] = lora_B.to(dtype).contiguous()
@@ -158,7 +136,7 @@ def export_lora(
 
     # Non-HydraLoRA trainable tensors (modules_to_save) keep PEFT's saved layout.
     for key, value in get_peft_model_state_dict(peft_model, adapter_name=adapter).items():
-        if ".hydra_" not in key:
+        if f".{PREFIX}" not in key:
             state[key] = value.detach().cpu().contiguous()
 
     target_modules = config.target_modules
@@ -191,6 +169,6 @@ def export_lora(
         torch.save(state, os.path.join(save_directory, "adapter_model.bin"))
     with open(os.path.join(save_directory, "hydralora_export.json"), "w", encoding="utf-8") as f:
         described = gates if isinstance(gates, (str, type(None))) else ("per-layer" if isinstance(gates, Mapping) else [float(x) for x in torch.as_tensor(gates).flatten()])
-        json.dump({"exported_from": "HYDRALORA", "num_experts": config.num_experts, "share_a": config.share_a,
+        json.dump({"exported_from": PEFT_TYPE_NAME, "num_experts": config.num_experts, "share_a": config.share_a,
                    "gates": described, "lora_rank": config.r * factor}, f, indent=2)  # fmt: skip
     return lora_config

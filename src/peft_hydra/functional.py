@@ -19,15 +19,14 @@ import torch.nn.functional as F
 
 def router_probs(x: torch.Tensor, router_weight: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Per-token softmax over the N heads, computed in fp32: (..., d) x (N, d) -> (..., N)."""
-    return softmax_gates(F.linear(x.to(router_weight.dtype), router_weight), temperature)
+    return softmax_gates(F.linear(_as(x, router_weight.dtype), router_weight), temperature)
 
 
 def softmax_gates(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """fp32 softmax of router logits (..., N) at the given temperature."""
-    logits = logits.float()
+    """fp32 softmax of router logits (..., N) at the given temperature (the cast is fused into the softmax)."""
     if temperature != 1.0:
-        logits = logits / temperature
-    return logits.softmax(dim=-1)
+        logits = logits.float() / temperature
+    return logits.softmax(dim=-1, dtype=torch.float32)
 
 
 def top_k_gates(probs: torch.Tensor, top_k: Optional[int]) -> torch.Tensor:
@@ -37,6 +36,19 @@ def top_k_gates(probs: torch.Tensor, top_k: Optional[int]) -> torch.Tensor:
     values, index = probs.topk(top_k, dim=-1)
     values = values / values.sum(dim=-1, keepdim=True)
     return torch.zeros_like(probs).scatter(-1, index, values)
+
+
+def top_k_softmax(logits: torch.Tensor, top_k: int, temperature: float = 1.0) -> torch.Tensor:
+    """``top_k_gates(softmax_gates(logits))`` in fewer kernels: the softmax over the k largest logits only.
+
+    Renormalising the k largest probabilities is the softmax restricted to their logits (the others set to -inf),
+    so this is the same function with the same gradient, in 4 kernels (topk, full, scatter, softmax) instead of 6.
+    """
+    if temperature != 1.0:
+        logits = logits.float() / temperature
+    values, index = logits.topk(top_k, dim=-1)
+    masked = torch.full_like(logits, float("-inf")).scatter(-1, index, values)
+    return masked.softmax(dim=-1, dtype=torch.float32)
 
 
 def mix_heads(h: torch.Tensor, gates: Optional[torch.Tensor], B: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
@@ -51,15 +63,22 @@ def mix_heads(h: torch.Tensor, gates: Optional[torch.Tensor], B: torch.Tensor, s
         scaling: the LoRA scaling factor.
     Returns: (..., out) in ``h``'s dtype.
     """
+    r = B.shape[-1]
+    if gates is None and B.shape[1] != 1:
+        raise ValueError(f"gates are required with {B.shape[1]} heads")
+    h3 = h.unsqueeze(-2) if h.shape[-1] == r else h.unflatten(-1, (-1, r))
+    return _mix(h3, gates, B, scaling)
+
+
+def _mix(h: torch.Tensor, gates: Optional[torch.Tensor], B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The head mix on ``h`` of shape (..., 1, r) (a shared A, broadcast over the heads) or (..., N, r)."""
     out_features, n, r = B.shape
-    if gates is None:
-        if n != 1:
-            raise ValueError(f"gates are required with {n} heads")
-        return F.linear(h * scaling if scaling != 1.0 else h, B.view(out_features, r))
-    gates = gates.to(h.dtype)
+    if gates is None:  # N == 1: plain LoRA
+        return F.linear(h.squeeze(-2) * scaling if scaling != 1.0 else h.squeeze(-2), B.view(out_features, r))
+    g = _as(gates, h.dtype)
     if scaling != 1.0:
-        gates = gates * scaling
-    gated = gates.unsqueeze(-1) * h.unflatten(-1, (-1, r))  # (..., N, r); a shared A broadcasts
+        g = g * scaling
+    gated = g.unsqueeze(-1) * h  # (..., N, r)
     return F.linear(gated.flatten(-2), B.view(out_features, n * r))
 
 
@@ -75,23 +94,90 @@ def hydra_delta(
     top_k: Optional[int] = None,
     temperature: float = 1.0,
     dropout=None,
+    dropout_per_head: bool = False,
+    need_probs: bool = True,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The whole HydraLoRA update of one layer: returns ``(delta, gates, probs)``.
 
     ``A`` is (r or N*r, in); ``router_weight`` is (N, in) for ``router_input="x"`` or (N, r) for ``"a"``;
-    ``fixed_gates`` (N,) replaces the router. ``gates`` / ``probs`` are None without a router.
+    ``fixed_gates`` (N,) replaces the router. ``gates`` / ``probs`` are None without a router; with ``top_k`` and
+    ``need_probs=False`` the dense ``probs`` (only needed for statistics and the balance loss) are not computed.
+    ``dropout_per_head``: an active ``dropout`` draws one mask per head (``x`` is expanded to (..., N, in)), as the
+    authors' per-head loop ``sum_i g_i B_i A dropout_i(x)`` does.
     """
-    probs = None
-    if router_weight is not None and router_input == "x" and _is_identity(dropout) and router_weight.dtype == A.dtype:
-        # A and the router read the same x: one GEMM over x for both, then split (..., r | N)
-        h, logits = F.linear(x, torch.cat([A, router_weight])).split([A.shape[0], router_weight.shape[0]], dim=-1)
-        probs = softmax_gates(logits, temperature)
+    lead = x.shape[:-1]
+    delta, gates, probs = delta_2d(
+        x.reshape(-1, x.shape[-1]), A, B, scaling, router_weight=router_weight, fixed_gates=fixed_gates,
+        router_input=router_input, top_k=top_k, temperature=temperature, dropout=active_dropout(dropout),
+        dropout_per_head=dropout_per_head, need_probs=need_probs,
+    )  # fmt: skip
+    n = B.shape[1]
+    if probs is not None:
+        probs = probs.view(*lead, n)
+    if gates is not None and gates is not fixed_gates:
+        gates = gates.view(*lead, n)
+    return delta.view(*lead, B.shape[0]), gates, probs
+
+
+def delta_2d(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    *,
+    router_weight: Optional[torch.Tensor],
+    fixed_gates: Optional[torch.Tensor],
+    router_input: str,
+    top_k: Optional[int],
+    temperature: float,
+    dropout,
+    dropout_per_head: bool,
+    need_probs: bool,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """:func:`hydra_delta` on a 2-D ``x`` (T, in), the layer's hot path: returns (T, out), (T, N), (T, N).
+
+    ``dropout`` is an active dropout module or None (see :func:`active_dropout`). Kept minimal in ops and autograd
+    nodes (see benchmarks/bench_overhead.py): 2-D GEMMs (no view/unsafe-view pairs), the router as its own GEMM
+    (no per-forward ``cat`` of A and the router), the fp32 cast fused into the softmax, top-k as a softmax over the
+    k largest logits, and the head mix as one broadcast product and one GEMM.
+    """
+    out_features, n, r = B.shape
+    shared = A.shape[0] == r
+    if dropout is not None and dropout_per_head and n > 1:
+        xd = dropout(x.unsqueeze(1).expand(-1, n, -1))  # (T, N, in): one mask per head
+        if shared:
+            h = F.linear(xd, A)  # (T, N, r)
+        else:
+            h = torch.einsum("tni,nri->tnr", xd, A.view(n, r, -1))
     else:
-        h = F.linear(dropout(x) if dropout is not None else x, A)
-        if router_weight is not None:
-            probs = router_probs(x if router_input == "x" else h, router_weight, temperature)
-    gates = top_k_gates(probs, top_k) if probs is not None else fixed_gates
-    return mix_heads(h, gates, B, scaling), gates, probs
+        h = F.linear(dropout(x) if dropout is not None else x, A)  # (T, r) or (T, N*r)
+    probs = None
+    if router_weight is not None:
+        if router_input == "x":
+            logits = F.linear(_as(x, router_weight.dtype), router_weight)
+        elif h.dim() == 2:
+            logits = F.linear(_as(h, router_weight.dtype), router_weight)
+        else:
+            raise ValueError("router_input='a' needs one A x per token: it cannot be combined with dropout_per_head.")
+        if top_k is None or top_k >= n:
+            gates = probs = softmax_gates(logits, temperature)
+        else:
+            gates = top_k_softmax(logits, top_k, temperature)
+            probs = softmax_gates(logits, temperature) if need_probs else None
+    else:
+        gates = fixed_gates
+    if h.dim() == 2:
+        h = h.unsqueeze(-2) if shared else h.view(-1, n, r)
+    return _mix(h, gates, B, scaling), gates, probs
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def active_dropout(dropout):
+    """``dropout`` when it changes its input (a training-mode ``nn.Dropout`` with p > 0 or an unknown module)."""
+    return None if _is_identity(dropout) else dropout
 
 
 def _is_identity(dropout) -> bool:
@@ -100,13 +186,19 @@ def _is_identity(dropout) -> bool:
     return isinstance(dropout, torch.nn.Dropout) and (dropout.p == 0 or not dropout.training)
 
 
-def delta_weight(A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor, scaling: float) -> torch.Tensor:
-    """The (out, in) weight ``scaling * sum_i g_i B_i A_i`` for FIXED gates (merge / LoRA export)."""
+def gated_heads(B: torch.Tensor, gates: torch.Tensor, shared_a: bool) -> torch.Tensor:
+    """The heads (out, N, r) with FIXED gates folded in, so that the merged update is ``gated_heads(B, g) @ A``:
+    ``sum_i g_i B_i`` (out, r) for a shared A; ``[g_1 B_1 | ... | g_N B_N]`` (out, N*r) for one A per head."""
     out_features, n, r = B.shape
     gates = gates.to(B.dtype)
-    if A.shape[0] == r:  # shared A: (sum_i g_i B_i) A
-        return scaling * torch.einsum("n,onr->or", gates, B) @ A
-    return scaling * (B * gates[None, :, None]).reshape(out_features, n * r) @ A
+    if shared_a:
+        return torch.einsum("n,onr->or", gates, B)
+    return (B * gates[None, :, None]).reshape(out_features, n * r)
+
+
+def delta_weight(A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The (out, in) weight ``scaling * sum_i g_i B_i A_i`` for FIXED gates (merge / LoRA export)."""
+    return scaling * gated_heads(B, gates, shared_a=A.shape[0] == B.shape[-1]) @ A
 
 
 def load_balancing_loss(probs: torch.Tensor, gates: torch.Tensor, top_k: Optional[int] = None) -> torch.Tensor:
@@ -127,4 +219,4 @@ def load_balancing_loss(probs: torch.Tensor, gates: torch.Tensor, top_k: Optiona
 
 def gate_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Per-token entropy of the router distribution (nats), shape (...,)."""
-    return -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)
+    return torch.special.entr(probs).sum(dim=-1)

@@ -21,17 +21,7 @@ from peft.utils.other import transpose
 from torch import nn
 
 from . import functional as HF
-from .config import HydraLoraConfig
-
-
-def no_exact_merge_message(adapter: str, num_experts: int) -> str:
-    return (
-        f"Cannot merge HydraLoRA adapter '{adapter}': it routes every token through its own mix of {num_experts} "
-        "heads, so no single weight matrix equals it. Pass fixed gates, e.g. "
-        f"`merge_and_unload(gates=[1/{num_experts}]*{num_experts})` or the mean gates from "
-        "`model.router_stats()`, which merges sum_i g_i B_i A (an approximation of the routed model); "
-        "or export a plain LoRA with `peft_hydra.export_lora(model, gates=...)`; or keep the adapter unmerged."
-    )
+from .config import HydraLoraConfig, no_exact_merge_message, resolve_gates
 
 
 def _in_backward() -> bool:
@@ -79,7 +69,17 @@ class HydraLoraLayer(BaseTunerLayer):
         self.kwargs = kwargs
         self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
 
-    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: HydraLoraConfig, **kwargs) -> None:
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        config: HydraLoraConfig,
+        layer_name: Optional[str] = None,
+        **kwargs,
+    ) -> None:
+        """Add (or replace) the adapter ``adapter_name`` on this layer. ``layer_name`` (the module's name in the model)
+        picks this layer's entry when ``config.fixed_gates`` is a per-layer mapping."""
         if r < 1:
             raise ValueError(f"`r` must be a positive integer, got {r} for adapter '{adapter_name}'.")
         n = config.num_experts
@@ -99,7 +99,7 @@ class HydraLoraLayer(BaseTunerLayer):
             router_in = self.in_features if config.router_input == "x" else a_rows
             self.hydra_router[adapter_name] = nn.Linear(router_in, n, bias=False)
         elif n > 1:
-            self.hydra_gates[adapter_name] = torch.tensor(config.gate_vector(), dtype=torch.float32)
+            self.hydra_gates[adapter_name] = config.layer_gates(layer_name)
         self.reset_hydra_parameters(adapter_name, config.init_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -187,7 +187,9 @@ class HydraLoraLayer(BaseTunerLayer):
         return result
 
     # ------------------------------------------------------------------------------------------------ merge
-    def _fixed_gates(self, adapter: str, gates: Optional[Sequence[float] | torch.Tensor]) -> torch.Tensor:
+    def _fixed_gates(self, adapter: str, gates: Any = None, layer_name: Optional[str] = None) -> torch.Tensor:
+        """The gates to merge ``adapter`` with: ``gates`` parsed by :func:`~peft_hydra.config.resolve_gates` (a
+        per-layer mapping needs ``layer_name``), else the adapter's own fixed gates; a learned router needs gates."""
         B = self.hydra_B[adapter]
         n = B.shape[1]
         if gates is None:
@@ -196,10 +198,7 @@ class HydraLoraLayer(BaseTunerLayer):
             if n == 1:
                 return torch.ones(1, device=B.device, dtype=B.dtype)
             return self.hydra_gates[adapter]
-        gates = torch.as_tensor(gates, dtype=torch.float32).to(B.device).flatten()
-        if gates.numel() != n or not torch.isfinite(gates).all():
-            raise ValueError(f"`gates` must be {n} finite numbers (one per head) for adapter '{adapter}', got {gates}.")
-        return gates
+        return resolve_gates(gates, n, layer_name=layer_name).to(B.device)
 
     def get_delta_weight(self, adapter: str, gates: Optional[Sequence[float] | torch.Tensor] = None) -> torch.Tensor:
         """``scaling * sum_i g_i B_i A`` in the base weight's layout; exact for N = 1 or fixed gates."""
@@ -216,15 +215,18 @@ class HydraLoraLayer(BaseTunerLayer):
         self,
         safe_merge: bool = False,
         adapter_names: Optional[list[str]] = None,
-        gates: Optional[Sequence[float] | torch.Tensor] = None,
+        gates: Any = None,
+        layer_name: Optional[str] = None,
     ) -> None:
-        """Merge ``scaling * sum_i g_i B_i A`` into W0. Without ``gates`` only N = 1 or fixed-gate adapters merge."""
+        """Merge ``scaling * sum_i g_i B_i A`` into W0. Without ``gates`` only N = 1 or fixed-gate adapters merge;
+        ``gates`` takes every form of :func:`~peft_hydra.config.resolve_gates` (``layer_name`` picks this layer's
+        entry of a per-layer mapping)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
         for adapter in adapter_names:
             if adapter not in self.hydra_A:
                 continue
-            g = self._fixed_gates(adapter, gates)
+            g = self._fixed_gates(adapter, gates, layer_name)
             delta = self.get_delta_weight(adapter, g)
             new_weight = base.weight.data + delta.to(base.weight.dtype)
             if safe_merge and not torch.isfinite(new_weight).all():
@@ -283,13 +285,14 @@ class Linear(nn.Module, HydraLoraLayer):
         r: int,
         lora_alpha: float,
         fan_in_fan_out: bool = False,
+        layer_name: Optional[str] = None,
         **kwargs,
     ) -> None:
         super().__init__()
         HydraLoraLayer.__init__(self, base_layer, **kwargs)
         self.fan_in_fan_out = fan_in_fan_out
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha, config)
+        self.update_layer(adapter_name, r, lora_alpha, config, layer_name=layer_name)
 
     forward = HydraLoraLayer.forward  # nn.Module comes first in the MRO
 

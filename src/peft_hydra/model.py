@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_tuner_state_dict_key_prefixes
@@ -12,8 +12,17 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.other import get_pattern_key
 from torch import nn
 
-from .config import LLAMA_LIKE_MODEL_TYPES, LLAMA_LIKE_TARGET_MODULES, HydraLoraConfig
+from .config import (
+    LLAMA_LIKE_MODEL_TYPES,
+    LLAMA_LIKE_TARGET_MODULES,
+    PREFIX,
+    HydraLoraConfig,
+    no_exact_merge_message,
+)
 from .layer import HydraLoraLayer, Linear
+
+#: Every form of fixed gates (see :func:`peft_hydra.config.resolve_gates`).
+GatesArg = Union[None, str, Sequence[float], torch.Tensor, Mapping[str, Sequence[float]]]
 
 TARGET_MODULE_MAPPING = {
     **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
@@ -33,7 +42,7 @@ class HydraLoraModel(BaseTuner):
     ``merge_and_unload(gates=...)`` / ``merge_adapter(gates=...)`` for merging with fixed gates.
     """
 
-    prefix: str = "hydra_"
+    prefix: str = PREFIX
     tuner_layer_cls = HydraLoraLayer
     target_module_mapping = TARGET_MODULE_MAPPING
 
@@ -54,9 +63,9 @@ class HydraLoraModel(BaseTuner):
         r = config.rank_pattern.get(r_key, config.r)
         alpha = config.alpha_pattern.get(alpha_key, config.lora_alpha)
         if isinstance(target, HydraLoraLayer):
-            target.update_layer(adapter_name, r, alpha, config)
+            target.update_layer(adapter_name, r, alpha, config, layer_name=current_key)
             return
-        new_module = self._create_new_module(config, adapter_name, target, r=r, lora_alpha=alpha)
+        new_module = self._create_new_module(config, adapter_name, target, r=r, lora_alpha=alpha, layer_name=current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -65,7 +74,13 @@ class HydraLoraModel(BaseTuner):
     def _create_new_module(config: HydraLoraConfig, adapter_name: str, target: nn.Module, **kwargs) -> nn.Module:
         from transformers.pytorch_utils import Conv1D
 
+        from .bnb import dispatch_bnb, refuse_unsupported_quantized
+
+        new_module = dispatch_bnb(target, adapter_name, config, **kwargs)  # bitsandbytes 8-bit / 4-bit (QLoRA)
+        if new_module is not None:
+            return new_module
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        refuse_unsupported_quantized(base)  # any other quantized layer: a TypeError naming it and the fix
         if isinstance(base, nn.Linear):
             if config.fan_in_fan_out:
                 warnings.warn("fan_in_fan_out=True but the target is nn.Linear: setting fan_in_fan_out=False.")
@@ -122,24 +137,28 @@ class HydraLoraModel(BaseTuner):
         self,
         adapter_names: Optional[list[str]] = None,
         safe_merge: bool = False,
-        gates: Optional[Sequence[float] | torch.Tensor] = None,
+        gates: GatesArg = None,
     ) -> None:
-        """Merge into the base weights; ``gates`` (N weights) is needed when the adapter has a learned router."""
+        """Merge into the base weights. ``gates`` (``"uniform"``, N numbers, or ``{layer_name: N numbers}`` as
+        :func:`peft_hydra.measure_mean_gates` returns) is needed when the adapter has a learned router; it merges
+        ``sum_i g_i B_i A``, the model with those gates fixed. Without ``gates`` only N = 1 / fixed-gate adapters
+        merge (exactly)."""
         self._check_merge_allowed()
-        for module in self.model.modules():
-            if isinstance(module, HydraLoraLayer):
-                module.merge(safe_merge=safe_merge, adapter_names=adapter_names, gates=gates)
+        if gates is None:
+            self._check_exact_merge(adapter_names)
+        for name, module in self._hydra_layers():
+            module.merge(safe_merge=safe_merge, adapter_names=adapter_names, gates=gates, layer_name=name)
 
     def merge_and_unload(
         self,
         progressbar: bool = False,
         safe_merge: bool = False,
         adapter_names: Optional[list[str]] = None,
-        gates: Optional[Sequence[float] | torch.Tensor] = None,
+        gates: GatesArg = None,
     ) -> nn.Module:
         """Merge and return the base model. Exact for N = 1 or fixed gates; with a learned router, ``gates``
-        (e.g. uniform, or the mean gates from :meth:`router_stats`) must be given and the result is the model with
-        those gates fixed, an approximation of the routed model."""
+        (``"uniform"``, N numbers, or the per-layer mean gates of :func:`peft_hydra.measure_mean_gates`) must be
+        given and the result is the model with those gates fixed, an approximation of the routed model."""
         if gates is None:
             self._check_exact_merge(adapter_names)
             return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
@@ -150,8 +169,6 @@ class HydraLoraModel(BaseTuner):
         for name in adapter_names or self.active_adapters:
             config = self.peft_config[name]
             if config.has_router:
-                from .layer import no_exact_merge_message
-
                 raise ValueError(no_exact_merge_message(name, config.num_experts))
 
     # ------------------------------------------------------------------------------ router loss and stats
@@ -219,13 +236,13 @@ def check_adapter_state_dict(model: nn.Module, config: HydraLoraConfig, adapter_
     expected = {
         k: v.shape
         for k, v in model.state_dict().items()
-        if ".hydra_" in k and any(k.startswith(p + ".") or k == p for p in prefixes)
+        if f".{PREFIX}" in k and any(k.startswith(p + ".") or k == p for p in prefixes)
     }
     strip = "base_model.model."
     requires_prefix = any(k.startswith(strip) for k in expected)
     got = {}
     for k, v in state_dict.items():
-        if ".hydra_" not in k and not k.startswith("hydra_"):
+        if f".{PREFIX}" not in k and not k.startswith(PREFIX):
             continue
         key = k if requires_prefix or not k.startswith(strip) else k[len(strip) :]
         got[key] = tuple(v.shape)

@@ -1,0 +1,74 @@
+"""One gate argument everywhere: ``resolve_gates`` is the single parser behind ``fixed_gates``, ``merge_adapter``,
+``merge_and_unload`` and ``export_lora``; every API accepts the same forms and raises the same error text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+
+import peft_hydra
+from peft_hydra import HydraLoraConfig, resolve_gates
+from peft_hydra.config import GATES_FORMS
+
+
+def test_forms():
+    assert torch.equal(resolve_gates("uniform", 4), torch.full((4,), 0.25))
+    assert torch.equal(resolve_gates([1, 0, 3], 3), torch.tensor([1.0, 0.0, 3.0]))
+    assert torch.equal(resolve_gates(torch.tensor([0.2, 0.8], dtype=torch.float64), 2), torch.tensor([0.2, 0.8]))
+    per_layer = {"a.q_proj": [0.1, 0.9], "a.v_proj": "uniform"}
+    assert torch.allclose(resolve_gates(per_layer, 2, layer_name="a.q_proj"), torch.tensor([0.1, 0.9]))
+    assert torch.equal(resolve_gates(per_layer, 2, layer_name="a.v_proj"), torch.tensor([0.5, 0.5]))
+
+
+@pytest.mark.parametrize(
+    "bad", ["mean", [0.5, 0.5], [1, -1, 1], [0, 0, 0], [float("nan"), 1, 1], [True, 1, 1], None, 3, {"x": [1, 1, 1]}]
+)
+def test_one_error_text_for_every_bad_form(bad):
+    with pytest.raises(ValueError) as info:
+        resolve_gates(bad, 3)
+    text = str(info.value)
+    assert "num_experts=3" in text or "per-layer mapping without an entry" in text
+    assert "'uniform'" in text or "measure_mean_gates" in text
+
+
+@pytest.mark.parametrize("bad", ["mean", [0.5, 0.5], [1, -1, 1], [0, 0, 0]])
+def test_same_error_from_config_merge_and_export(tiny_llama, tmp_path, bad):
+    """The config, merge_and_unload and export_lora all reject a bad gate argument with the same text."""
+    with pytest.raises(ValueError) as from_config:
+        HydraLoraConfig(num_experts=3, fixed_gates=bad, target_modules=["q_proj"])
+    model = get_peft_model(tiny_llama(), HydraLoraConfig(r=2, num_experts=3, target_modules=["q_proj"]))
+    with pytest.raises(ValueError) as from_merge:
+        model.merge_and_unload(gates=bad)
+    with pytest.raises(ValueError) as from_export:
+        peft_hydra.export_lora(model, str(tmp_path), gates=bad)
+    tail = lambda e: str(e.value).split("` must be ", 1)[1]  # noqa: E731  (same text after the argument's name)
+    assert tail(from_config) == tail(from_merge) == tail(from_export)
+    assert GATES_FORMS.split(",")[0] in tail(from_merge)
+
+
+def test_merge_and_unload_accepts_uniform_and_per_layer_gates(tiny_llama, input_ids):
+    """``merge_and_unload(gates="uniform")`` (a TypeError before) and per-layer gates equal the fixed-gate model."""
+    config = dict(r=4, num_experts=3, target_modules=["q_proj", "v_proj"], init_weights=False)
+    routed = get_peft_model(tiny_llama(), HydraLoraConfig(**config))
+    state = {k: v.clone() for k, v in routed.state_dict().items() if "hydra_" in k and "router" not in k}
+    names = [n for n, m in routed.base_model.model.named_modules() if isinstance(m, peft_hydra.HydraLoraLayer)]
+    per_layer = {name: [0.2 + 0.1 * i, 0.3, 0.5 - 0.1 * i] for i, name in enumerate(names)}
+    for gates in ("uniform", [0.6, 0.3, 0.1], per_layer):
+        fixed = get_peft_model(tiny_llama(), HydraLoraConfig(**config, fixed_gates=gates))
+        fixed.load_state_dict(state, strict=False)
+        with torch.no_grad():
+            expected = fixed(input_ids).logits
+            model = get_peft_model(tiny_llama(), HydraLoraConfig(**config))
+            model.load_state_dict(state, strict=False)
+            merged = model.merge_and_unload(gates=gates)
+            assert not any(isinstance(m, peft_hydra.HydraLoraLayer) for m in merged.modules())
+            torch.testing.assert_close(merged(input_ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_per_layer_fixed_gates_in_config_need_every_layer(tiny_llama):
+    with pytest.raises(ValueError, match="without an entry for layer 'model.layers.0.self_attn.q_proj'"):
+        get_peft_model(
+            tiny_llama(),
+            HydraLoraConfig(num_experts=2, target_modules=["q_proj"], fixed_gates={"model.layers.1.self_attn.q_proj": [1, 1]}),
+        )
