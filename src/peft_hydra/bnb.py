@@ -1,0 +1,219 @@
+"""HydraLoRA on quantized base layers: bitsandbytes ``Linear8bitLt`` / ``Linear4bit`` (QLoRA), and a clear refusal of
+every other quantized layer type.
+
+The adapter (``hydra_A``, ``hydra_B``, router) stays in floating point (fp32 / bf16); the forward is the one of
+:class:`~peft_hydra.layer.HydraLoraLayer` (quantized base output + adapter delta cast to the base output's dtype).
+What quantization changes is the merge: the packed weight cannot be added to, so ``merge`` / ``unmerge`` dequantize
+the base weight, add (subtract) ``scaling * sum_i g_i B_i A`` in fp32 and re-quantize, as PEFT's LoRA does in
+``peft/tuners/lora/bnb.py``. The merged model therefore equals the fixed-gate forward up to the re-quantization error.
+
+Importing this module does not import ``bitsandbytes``: a base layer can only be a bitsandbytes layer when
+``bitsandbytes`` was already imported (by transformers' quantizer or by the user), so dispatch looks it up in
+``sys.modules``.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from .config import HydraLoraConfig
+from .layer import HydraLoraLayer
+
+__all__ = ["Linear4bit", "Linear8bitLt", "dispatch_bnb", "refuse_unsupported_quantized"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+#: Root packages of quantized / special linear layers that PEFT's LoRA handles with dedicated classes (or that
+#: replace the matmul) and HydraLoRA does not: wrapping them as a plain ``Linear`` would be wrong.
+_UNSUPPORTED_PACKAGES = {
+    "hqq": "HQQ",
+    "gptqmodel": "GPTQ/AWQ (gptqmodel)",
+    "auto_gptq": "GPTQ (auto-gptq)",
+    "awq": "AWQ (autoawq)",
+    "eetq": "EETQ",
+    "aqlm": "AQLM",
+    "optimum": "optimum-quanto",
+    "torchao": "torchao",
+    "neural_compressor": "Intel Neural Compressor",
+    "transformer_engine": "Transformer Engine",
+    "megatron": "Megatron tensor parallel",
+    "compressed_tensors": "compressed-tensors",
+    "fp_quant": "FP-Quant",
+    "vptq": "VPTQ",
+    "spqr_quant": "SpQR",
+}
+
+_QUANTIZED_ATTRS = ("qweight", "W_q", "qzeros", "weight_packed", "codes")
+
+
+def _quantization_kind(module: nn.Module) -> Optional[str]:
+    """A short name of the quantization scheme of ``module`` when it is a quantized (or otherwise special) layer
+    HydraLoRA cannot wrap as a plain ``Linear``; None for an ordinary floating-point layer."""
+    root = type(module).__module__.split(".")[0]
+    if root in _UNSUPPORTED_PACKAGES:
+        return _UNSUPPORTED_PACKAGES[root]
+    if root == "bitsandbytes":
+        return "bitsandbytes"
+    if root == "transformers" and "integrations" in type(module).__module__:
+        return "transformers quantization integration"
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        if type(weight) not in (torch.Tensor, nn.Parameter):
+            return f"tensor subclass {type(weight).__name__}"
+        if weight.dtype not in _FLOAT_DTYPES:
+            return f"{weight.dtype} weight"
+    if any(isinstance(getattr(module, a, None), torch.Tensor) for a in _QUANTIZED_ATTRS):
+        return "packed weights"
+    return None
+
+
+def refuse_unsupported_quantized(module: nn.Module) -> None:
+    """Raise a TypeError naming the layer type and the fix when ``module`` is a quantized layer HydraLoRA does not
+    support (anything but bitsandbytes ``Linear8bitLt`` / ``Linear4bit``); return silently otherwise."""
+    kind = _quantization_kind(module)
+    if kind is None:
+        return
+    raise TypeError(
+        f"HydraLoRA cannot adapt {type(module).__module__}.{type(module).__qualname__} ({kind}): the supported "
+        "quantized base layers are bitsandbytes Linear8bitLt and Linear4bit (load the model with "
+        "transformers.BitsAndBytesConfig(load_in_8bit=True) or (load_in_4bit=True)). Load the base model in "
+        "bitsandbytes or unquantized, or leave this module out of target_modules (exclude_modules)."
+    )
+
+
+def dispatch_bnb(target: nn.Module, adapter_name: str, config: HydraLoraConfig, **kwargs) -> Optional[nn.Module]:
+    """The HydraLoRA layer for a bitsandbytes base layer, None when ``target`` is not a bitsandbytes layer; a
+    TypeError for a bitsandbytes layer other than ``Linear8bitLt`` / ``Linear4bit``."""
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return None
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if isinstance(base, bnb.nn.Linear8bitLt):
+        cls = Linear8bitLt
+    elif isinstance(base, bnb.nn.Linear4bit):
+        cls = Linear4bit
+    else:
+        return None
+    if config.fan_in_fan_out:
+        warnings.warn(f"fan_in_fan_out=True but the target is bitsandbytes {cls.__name__}: setting it to False.")
+        config.fan_in_fan_out = False
+    return cls(target, adapter_name, config, **kwargs)
+
+
+class _BnbLinear(nn.Module, HydraLoraLayer):
+    """Shared part of the bitsandbytes layers: construction, and merge / unmerge via dequantize -> add -> requantize.
+    Subclasses define :meth:`_dequantize` (the base weight as a float tensor) and :meth:`_requantize`."""
+
+    bits: int = 0
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: HydraLoraConfig, r: int, lora_alpha: float,
+                 layer_name: Optional[str] = None, **kwargs) -> None:  # fmt: skip
+        super().__init__()
+        HydraLoraLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = False
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha, config, layer_name=layer_name)
+
+    forward = HydraLoraLayer.forward  # nn.Module comes first in the MRO
+
+    def _dequantize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _requantize(self, weight: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _add_to_base(self, adapter: str, gates: torch.Tensor, sign: float, safe_merge: bool = False) -> None:
+        warnings.warn(
+            f"Merging into a {self.bits}-bit base re-quantizes the weight: outputs can differ slightly from the "
+            "unmerged (fixed-gate) model because of rounding."
+        )
+        dequantized = self._dequantize()
+        delta = self.get_delta_weight(adapter, gates).float().to(dequantized.device)
+        new_weight = dequantized.float() + sign * delta
+        if safe_merge and not torch.isfinite(new_weight).all():
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+        self._requantize(new_weight.to(dequantized.dtype))
+
+    def merge(
+        self,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+        gates: Any = None,
+        layer_name: Optional[str] = None,
+    ) -> None:
+        """Merge ``scaling * sum_i g_i B_i A`` into the quantized W0 (dequantize, add, re-quantize). ``gates`` and
+        ``layer_name`` as in :meth:`HydraLoraLayer.merge`: without ``gates`` only N = 1 or fixed-gate adapters merge; a
+        learned router raises the same error as on an unquantized base."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for adapter in adapter_names:
+            if adapter not in self.hydra_A:
+                continue
+            g = self._fixed_gates(adapter, gates, layer_name)
+            self._add_to_base(adapter, g, +1.0, safe_merge=safe_merge)
+            self._merged_gates[adapter] = g
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.hydra_A:
+                self._add_to_base(adapter, self._merged_gates.pop(adapter), -1.0)
+
+    def __repr__(self) -> str:
+        return "hydralora." + super().__repr__()
+
+
+class Linear8bitLt(_BnbLinear):
+    """HydraLoRA on a bitsandbytes ``Linear8bitLt`` (LLM.int8()) base layer."""
+
+    bits = 8
+
+    def _dequantize(self) -> torch.Tensor:
+        from peft.utils.integrations import dequantize_bnb_weight
+
+        base = self.get_base_layer()
+        if base.state.SCB is None:
+            base.state.SCB = base.weight.SCB
+        return dequantize_bnb_weight(base.weight, state=base.state)
+
+    def _requantize(self, weight: torch.Tensor) -> None:
+        import bitsandbytes as bnb
+
+        base = self.get_base_layer()
+        old = base.weight
+        # Int8Params quantizes (row-wise absmax) when moved from the CPU to a device, the CPU included.
+        base.weight = bnb.nn.Int8Params(
+            weight.to("cpu"), requires_grad=False, has_fp16_weights=old.has_fp16_weights
+        ).to(old.device)
+        base.state.reset_grads()  # the next forward takes CB / SCB from the new weight
+
+
+class Linear4bit(_BnbLinear):
+    """HydraLoRA on a bitsandbytes ``Linear4bit`` (QLoRA: NF4 / FP4, optional double quantization) base layer."""
+
+    bits = 4
+
+    def _dequantize(self) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        weight = self.get_base_layer().weight
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+
+    def _requantize(self, weight: torch.Tensor) -> None:
+        import bitsandbytes as bnb
+
+        base = self.get_base_layer()
+        old = base.weight
+        # Same blocksize, quant_type, double quantization and storage as before; a fresh quant_state.
+        kwargs = {k: v for k, v in old.__dict__.items() if not k.startswith("_") and k not in ("data", "quant_state")}
+        kwargs.update(requires_grad=False, bnb_quantized=False)
+        base.weight = bnb.nn.Params4bit(weight.to("cpu"), **kwargs).to(old.device)
