@@ -63,11 +63,55 @@ def test_card_of_other_peft_methods_is_untouched(tiny_llama, tmp_path):
     assert hydra_hub._BEGIN not in card.text
 
 
-def test_hooks_are_installed_once():
-    before = PeftModel.create_or_update_model_card, PeftModel.push_to_hub
-    hydra_hub.install_hub_hooks()
-    assert (PeftModel.create_or_update_model_card, PeftModel.push_to_hub) == before
-    assert not getattr(PeftModel.create_or_update_model_card.__wrapped__, hydra_hub._MARK, False)
+def test_import_changes_no_peft_class_and_leaves_no_global_hook(tiny_llama):
+    """`import peft_hydra` patches nothing: PeftModel keeps PEFT's / transformers' methods; the HydraLoRA card methods
+    live on the HydraLoRA PeftModel instance only, and the one-shot registration hook is gone afterwards."""
+    from torch.nn.modules import module as torch_module
+    from transformers.utils import PushToHubMixin
+
+    assert PeftModel.create_or_update_model_card.__module__ == "peft.peft_model"
+    assert PeftModel.push_to_hub is PushToHubMixin.push_to_hub
+    hooks_before = len(torch_module._global_module_registration_hooks)
+    hydra = _hydra(tiny_llama)
+    lora = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
+    assert "push_to_hub" in vars(hydra) and "create_or_update_model_card" in vars(hydra)
+    assert "push_to_hub" not in vars(lora) and "create_or_update_model_card" not in vars(lora)
+    # A tuner created without a PeftModel (PEFT's low-level API) does not leave its hook behind either.
+    peft_hydra.HydraLoraModel(tiny_llama(), HydraLoraConfig(r=2, target_modules=["q_proj"]), "default")
+    torch.nn.Sequential().add_module("x", torch.nn.Linear(1, 1))
+    assert len(torch_module._global_module_registration_hooks) == hooks_before
+    import copy
+
+    clone = copy.deepcopy(hydra)  # the instance methods follow the copy
+    assert clone.push_to_hub.__self__ is clone
+
+
+def test_card_snippet_without_task_type_names_the_trained_class_and_runs_as_written(tiny_llama, input_ids, tmp_path):
+    """The README's quick start has no task_type: the card must name the class the adapter was trained on (a
+    ``LlamaForCausalLM``; ``AutoModel`` would give a ``LlamaModel`` without the ``model.`` prefix, and the adapter
+    would not load). The snippet runs as written, with only the adapter placeholder filled in."""
+    tiny_llama().save_pretrained(tmp_path / "base")
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    model = get_peft_model(base, HydraLoraConfig(r=2, num_experts=2, target_modules=["q_proj", "v_proj"], init_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    code = _snippet_code((tmp_path / "adapter" / "README.md").read_text())
+    assert "from transformers import LlamaForCausalLM" in code and "AutoModel" not in code
+    with torch.no_grad():
+        torch.save({"input_ids": input_ids, "expected": model.eval()(input_ids).logits}, tmp_path / "io.pt")
+    script = code.replace(hydra_hub.ADAPTER_PLACEHOLDER, str(tmp_path / "adapter")) + textwrap.dedent(
+        f"""
+        import torch
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(io["input_ids"]).logits, io["expected"])
+        print("RAN")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert out.returncode == 0 and "RAN" in out.stdout, out.stderr[-3000:]
 
 
 def _write_snapshot(cache, repo_id, folder, commit="a" * 40):
@@ -184,9 +228,12 @@ def test_push_to_hub_existing_repo_keeps_hand_written_text(tiny_llama, tmp_path,
     assert _snippet_code(card.text).startswith("import peft_hydra")
 
 
-def test_push_to_hub_of_other_peft_methods_defers_to_transformers(tiny_llama, monkeypatch):
+def test_push_to_hub_of_other_peft_methods_is_transformers_own(tiny_llama, monkeypatch):
+    """A LoRA model's push_to_hub is transformers' (PushToHubMixin), untouched by peft_hydra."""
+    from transformers.utils import PushToHubMixin
+
     seen = {}
-    monkeypatch.setattr(hydra_hub._push_to_hub, "__wrapped__", lambda self, repo_id, **kw: seen.update(repo=repo_id, **kw) or "orig")
+    monkeypatch.setattr(PushToHubMixin, "push_to_hub", lambda self, repo_id, **kw: seen.update(repo=repo_id, **kw) or "orig")
     lora = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
     assert lora.push_to_hub("acme/lora", private=True) == "orig"
     assert seen["repo"] == "acme/lora" and seen["private"] is True

@@ -1,17 +1,17 @@
 """Hub sharing: the model card of a HydraLoRA adapter, and a ``push_to_hub`` that keeps it.
 
-PEFT writes the model card in ``PeftModel.create_or_update_model_card`` (called by ``save_pretrained``). Its only
-extension point is the base model's ``model_tags``, which adds tags but no text, and changing the user's base model
-to get a card is worse than the cure. So this module wraps two ``PeftModel`` methods, once, on ``import peft_hydra``
-(:func:`install_hub_hooks`); both wrappers call PEFT's original unchanged for every non-HydraLoRA model:
+``import peft_hydra`` changes no class of PEFT or transformers. What a HydraLoRA adapter's card needs comes from:
 
-- ``create_or_update_model_card``: after PEFT's card (``library_name: peft``, PEFT's tags, base model), add the tags
-  ``hydralora`` and ``peft-hydra`` (and the tags an existing card had, which PEFT drops) and a "How to Get Started" snippet that starts with ``import peft_hydra``
-  (without it, loading the adapter fails in PEFT with ``KeyError: 'HYDRALORA'``).
-- ``push_to_hub``: transformers' version replaces the card written by ``save_pretrained`` with a
-  ``library_name: transformers`` one (a new repo) or with the remote card (an existing repo). The HydraLoRA version
-  starts from the remote card when there is one (so hand edits survive), lets ``save_pretrained`` update it as above,
-  adds ``tags``, fills the repo id into the snippet and uploads the folder with ``HfApi.upload_folder``.
+- Tags ``hydralora`` and ``peft-hydra``: ``PreTrainedModel.add_model_tags`` on the base model when the HydraLoRA tuner
+  is created (:func:`tag_model`). PEFT's card writer (``PeftModel.create_or_update_model_card``) reads these tags.
+- The "How to Get Started" snippet (``import peft_hydra`` first, then the class the adapter was trained on) and a
+  ``push_to_hub`` that keeps PEFT's card: PEFT offers no hook for card text, and transformers' ``push_to_hub``
+  (which ``PeftModel`` inherits) replaces the card written by ``save_pretrained`` with a ``library_name:
+  transformers`` one. So these two methods are overridden on the INSTANCE, only for a ``PeftModel`` whose tuner is
+  HydraLoRA (:func:`attach_to_peft_model`, called by ``HydraLoraModel.__init__``). Every other PEFT model, and the
+  ``PeftModel`` class itself, are untouched. The override calls PEFT's own card writer first and then adds the tags a
+  previous card had (PEFT drops them) and the snippet; ``push_to_hub`` starts from the remote card when there is one
+  (so hand edits survive), saves with ``save_pretrained`` and uploads the folder with ``HfApi.upload_folder``.
 """
 
 from __future__ import annotations
@@ -19,17 +19,45 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import types
 from typing import Optional
 
-from ._registry import PEFT_TYPE_NAME
+from .config import PEFT_TYPE_NAME
 
-__all__ = ["HUB_TAGS", "install_hub_hooks", "is_hydra_peft_model", "update_model_card", "usage_snippet"]
+__all__ = ["HUB_TAGS", "attach_to_peft_model", "is_hydra_peft_model", "tag_model", "update_model_card", "usage_snippet"]
 
 HUB_TAGS = ("hydralora", "peft-hydra")
 _BEGIN = "<!-- peft-hydra usage: begin -->"
 _END = "<!-- peft-hydra usage: end -->"
 ADAPTER_PLACEHOLDER = "path/to/this-adapter-or-repo-id"
-_MARK = "_peft_hydra_original"
+
+
+def tag_model(model) -> None:
+    """Add :data:`HUB_TAGS` to ``model.model_tags`` (transformers' mechanism, read by PEFT's card writer)."""
+    if hasattr(model, "add_model_tags"):
+        model.add_model_tags(list(HUB_TAGS))
+
+
+def attach_to_peft_model(tuner) -> None:
+    """Give the ``PeftModel`` that is about to hold ``tuner`` (a ``HydraLoraModel``) the HydraLoRA card methods.
+
+    ``PeftModel.__init__`` creates the tuner and assigns it to ``self.base_model`` right after; the tuner never sees
+    the ``PeftModel``. A one-shot module-registration hook catches that assignment and then removes itself (it is
+    also removed by the first other registration, e.g. when the tuner is used without a ``PeftModel``).
+    """
+    from torch.nn.modules.module import register_module_module_registration_hook
+
+    def hook(module, name, submodule):
+        handle.remove()
+        if submodule is tuner and name == "base_model":
+            _override_card_methods(module)
+
+    handle = register_module_module_registration_hook(hook)
+
+
+def _override_card_methods(peft_model) -> None:
+    for name, method in (("create_or_update_model_card", _create_or_update_model_card), ("push_to_hub", _push_to_hub)):
+        object.__setattr__(peft_model, name, types.MethodType(method, peft_model))
 
 
 def is_hydra_peft_model(model) -> bool:
@@ -38,22 +66,25 @@ def is_hydra_peft_model(model) -> bool:
     return any(str(getattr(c.peft_type, "value", c.peft_type)) == PEFT_TYPE_NAME for c in configs.values())
 
 
-def usage_snippet(adapter: str = ADAPTER_PLACEHOLDER, base_model: Optional[str] = None, task_type=None) -> str:
-    """The Python snippet of the card: ``import peft_hydra`` first, then PEFT's usual loading code."""
+def usage_snippet(
+    adapter: str = ADAPTER_PLACEHOLDER, base_model: Optional[str] = None, task_type=None, base_class: Optional[type] = None
+) -> str:
+    """The Python snippet of the card: ``import peft_hydra`` first, then PEFT's loading code for the class the adapter
+    was trained on (``base_class``; ``AutoPeftModelForCausalLM`` for ``task_type="CAUSAL_LM"``)."""
     task = str(getattr(task_type, "value", task_type) or "")
     base = base_model or "BASE_MODEL_ID"
+    first = "import peft_hydra  # registers the HydraLoRA PEFT type (pip install peft-hydra)\n"
     if task == "CAUSAL_LM":
         return (
-            "import peft_hydra  # registers the HydraLoRA PEFT type (pip install peft-hydra)\n"
-            "from peft import AutoPeftModelForCausalLM\n\n"
+            f"{first}from peft import AutoPeftModelForCausalLM\n\n"
             f'model = AutoPeftModelForCausalLM.from_pretrained("{adapter}")  # loads {base} + the adapter\n'
-            "model.base_model.router_stats()  # per-layer mean gates and entropy, after a few forwards\n"
         )
+    name, module = (base_class.__name__, base_class.__module__) if base_class is not None else ("AutoModel", "transformers")
+    if module.split(".")[0] == "transformers":
+        module = "transformers"  # e.g. transformers.models.llama.modeling_llama -> the public name
     return (
-        "import peft_hydra  # registers the HydraLoRA PEFT type (pip install peft-hydra)\n"
-        "from peft import PeftModel\n"
-        "from transformers import AutoModel\n\n"
-        f'base = AutoModel.from_pretrained("{base}")\n'
+        f"{first}from peft import PeftModel\nfrom {module} import {name}\n\n"
+        f'base = {name}.from_pretrained("{base}")\n'
         f'model = PeftModel.from_pretrained(base, "{adapter}")\n'
     )
 
@@ -73,9 +104,8 @@ def update_model_card(path: str, peft_model, adapter_ref: str = ADAPTER_PLACEHOL
     if getattr(peft_model, "active_adapter", None) in peft_model.peft_config:
         config = peft_model.peft_config[peft_model.active_adapter]
     base = card.data.base_model or config.base_model_name_or_path
-    block = (
-        f"{_BEGIN}\n```python\n{usage_snippet(adapter_ref, base, config.task_type)}```\n{_END}"
-    )
+    base_class = type(peft_model.get_base_model()) if hasattr(peft_model, "get_base_model") else None
+    block = f"{_BEGIN}\n```python\n{usage_snippet(adapter_ref, base, config.task_type, base_class)}```\n{_END}"
     text = card.text
     if _BEGIN in text and _END in text:
         text = re.sub(re.escape(_BEGIN) + r".*?" + re.escape(_END), lambda _: block, text, count=1, flags=re.S)
@@ -92,15 +122,14 @@ def update_model_card(path: str, peft_model, adapter_ref: str = ADAPTER_PLACEHOL
 
 
 def _create_or_update_model_card(self, output_dir: str):
-    if not is_hydra_peft_model(self):
-        return _create_or_update_model_card.__wrapped__(self, output_dir)
+    """PEFT's card, then the tags an existing card had (PEFT replaces them) and the HydraLoRA usage snippet."""
     path = os.path.join(output_dir, "README.md")
     kept_tags = ()
-    if os.path.exists(path):  # PEFT replaces the tags of an existing card: keep the user's
+    if os.path.exists(path):
         from huggingface_hub import ModelCard
 
         kept_tags = tuple(ModelCard.load(path).data.tags or ())
-    _create_or_update_model_card.__wrapped__(self, output_dir)
+    type(self).create_or_update_model_card(self, output_dir)
     update_model_card(path, self, tags=kept_tags)
 
 
@@ -114,16 +143,11 @@ def _push_to_hub(
     token=None,
     revision: Optional[str] = None,
     create_pr: bool = False,
-    max_shard_size="50GB",
     tags: Optional[list[str]] = None,
     **save_kwargs,
 ):
-    if not is_hydra_peft_model(self):
-        kwargs = dict(
-            commit_message=commit_message, commit_description=commit_description, private=private, token=token,
-            revision=revision, create_pr=create_pr, max_shard_size=max_shard_size, tags=tags, **save_kwargs,
-        )  # fmt: skip
-        return _push_to_hub.__wrapped__(self, repo_id, **kwargs)
+    """Upload the adapter with its HydraLoRA card to ``repo_id``; other keyword arguments go to ``save_pretrained``
+    (e.g. ``max_shard_size``, ``safe_serialization``, ``selected_adapters``)."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -149,18 +173,3 @@ def _push_to_hub(
             revision=revision,
             create_pr=create_pr,
         )
-
-
-def install_hub_hooks() -> None:
-    """Wrap ``PeftModel.create_or_update_model_card`` and ``PeftModel.push_to_hub`` (idempotent; the wrappers
-    defer to PEFT / transformers for every model without a HydraLoRA adapter)."""
-    from peft import PeftModel
-
-    for name, wrapper in (("create_or_update_model_card", _create_or_update_model_card), ("push_to_hub", _push_to_hub)):
-        current = PeftModel.__dict__.get(name) or getattr(PeftModel, name)
-        if getattr(current, _MARK, False):
-            continue
-        wrapper.__wrapped__ = current
-        wrapper.__doc__ = (current.__doc__ or "") + "\n\n(peft-hydra: HydraLoRA adapters get their tags and usage snippet.)"
-        setattr(wrapper, _MARK, True)
-        setattr(PeftModel, name, wrapper)

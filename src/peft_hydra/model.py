@@ -19,6 +19,7 @@ from .config import (
     HydraLoraConfig,
     no_exact_merge_message,
 )
+from . import hub
 from .layer import HydraLoraLayer, Linear
 
 #: Every form of fixed gates (see :func:`peft_hydra.config.resolve_gates`).
@@ -45,6 +46,13 @@ class HydraLoraModel(BaseTuner):
     prefix: str = PREFIX
     tuner_layer_cls = HydraLoraLayer
     target_module_mapping = TARGET_MODULE_MAPPING
+
+    def __init__(self, model: nn.Module, peft_config, adapter_name: str, **kwargs) -> None:
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+        # The Hub card: tags through transformers' add_model_tags (read by PEFT's card writer); the usage snippet
+        # and a card-keeping push_to_hub on the PeftModel that wraps this tuner only (see peft_hydra.hub).
+        hub.tag_model(self.model)
+        hub.attach_to_peft_model(self)
 
     def _create_and_replace(
         self,
@@ -192,7 +200,14 @@ class HydraLoraModel(BaseTuner):
         """
         adapter_name = self._known_adapter(adapter_name)
         coef = self.peft_config[adapter_name].router_aux_loss_coef
-        losses = [loss for _, m in self._hydra_layers() if (loss := m.aux_loss(adapter_name)) is not None]
+        layers = [m for _, m in self._hydra_layers() if adapter_name in m.hydra_router]
+        if coef > 0 and any(not m._keep_router_out.get(adapter_name, False) for m in layers):
+            raise ValueError(
+                f"router_aux_loss_coef of adapter '{adapter_name}' was set to {coef} after the adapter was created: "
+                "its layers do not keep the router outputs the balance loss needs. Set router_aux_loss_coef in the "
+                "HydraLoraConfig passed to get_peft_model."
+            )
+        losses = [loss for m in layers if (loss := m.aux_loss(adapter_name)) is not None]
         if coef == 0 or not losses:
             device = next((p.device for p in self.parameters()), torch.device("cpu"))
             return torch.zeros((), device=device)
@@ -200,7 +215,12 @@ class HydraLoraModel(BaseTuner):
 
     def router_stats(self, adapter_name: Optional[str] = None) -> dict[str, Any]:
         """Router statistics since the last :meth:`reset_router_stats`: ``{"layers": {name: {"mean_gate": [N],
-        "entropy": float, "tokens": int}}, "mean_gate": [N] (averaged over layers), "entropy": float}``."""
+        "entropy": float, "tokens": int}}, "mean_gate": [N] (averaged over layers), "entropy": float}``.
+
+        Collection is OFF by default, so that a forward does no statistics work: switch it on with
+        :meth:`reset_router_stats` (clears and starts; :meth:`stop_router_stats` stops) or for a block with
+        ``with model.base_model.collect_router_stats(): ...``. With nothing collected the result is
+        ``{"layers": {}, "mean_gate": None, "entropy": None}``. Reading syncs with the device once per layer."""
         adapter_name = self._known_adapter(adapter_name)
         layers = {}
         for name, module in self._hydra_layers():
@@ -214,8 +234,38 @@ class HydraLoraModel(BaseTuner):
         return {"layers": layers, "mean_gate": mean_gate, "entropy": entropy}
 
     def reset_router_stats(self) -> None:
+        """Clear the router statistics and switch their collection on (it is off by default). While on, every
+        routed forward adds a few sums on the device (no host sync); :meth:`router_stats` reduces them on read."""
         for _, module in self._hydra_layers():
             module.reset_router_stats()
+
+    def stop_router_stats(self) -> None:
+        """Switch router-statistics collection off (what was collected stays readable with :meth:`router_stats`)."""
+        for _, module in self._hydra_layers():
+            module.stop_router_stats()
+
+    @property
+    def router_stats_enabled(self) -> bool:
+        """True while router statistics are being collected (see :meth:`reset_router_stats`)."""
+        return any(module._collect_stats for _, module in self._hydra_layers())
+
+    @contextmanager
+    def collect_router_stats(self):
+        """Collect router statistics from scratch inside the block, then restore the previous collection state and
+        statistics (read :meth:`router_stats` inside the block)::
+
+            with model.base_model.collect_router_stats():
+                model(**batch)
+                gates = model.base_model.router_stats()["mean_gate"]
+        """
+        saved = [(module, module._router_stats_state()) for _, module in self._hydra_layers()]
+        try:
+            for module, _ in saved:
+                module.reset_router_stats()
+            yield self
+        finally:
+            for module, state in saved:
+                module._restore_router_stats_state(state)
 
     # --------------------------------------------------------------------------------- strict loading
     @classmethod
