@@ -268,6 +268,24 @@ def test_mixed_adapter_batch_on_8bit(base_dir, ids):
     torch.testing.assert_close(got[1], base[1], rtol=1e-3, atol=1e-3)
 
 
+def test_merge_8bit_with_fp16_weights(ids):
+    """Linear8bitLt(has_fp16_weights=True) keeps a float weight (quantized on the fly): merge adds to it in place."""
+    model = make_tiny_llama(hidden_size=64, intermediate_size=128)
+    for layer in model.model.layers:
+        old = layer.mlp.up_proj
+        new = bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=False, has_fp16_weights=True)
+        new.load_state_dict(old.state_dict())
+        layer.mlp.up_proj = new.to("cpu")
+    model = get_peft_model(model, hydra(target_modules=["up_proj"], fixed_gates=GATES)).eval()
+    assert all(type(m) is Linear8bitLt for m in hydra_layers(model))
+    want = logits(model, ids)
+    with model.disable_adapter():
+        effect = (want - logits(model, ids)).abs().max()
+    merged = model.merge_and_unload()
+    assert merged.model.layers[0].mlp.up_proj.weight.dtype == torch.float32
+    assert (logits(merged, ids) - want).abs().max() < 0.05 * effect
+
+
 # ------------------------------------------------------------------------------ other quantized layer types
 class FakeHQQLinear(nn.Module):  # an HQQ-style layer: packed weights, not an nn.Linear
     def __init__(self):

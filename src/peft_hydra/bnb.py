@@ -64,13 +64,22 @@ def _quantization_kind(module: nn.Module) -> Optional[str]:
         return "transformers quantization integration"
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor):
-        if type(weight) not in (torch.Tensor, nn.Parameter):
+        if type(weight) not in (torch.Tensor, nn.Parameter) and not _is_dtensor(weight):
             return f"tensor subclass {type(weight).__name__}"
         if weight.dtype not in _FLOAT_DTYPES:
             return f"{weight.dtype} weight"
     if any(isinstance(getattr(module, a, None), torch.Tensor) for a in _QUANTIZED_ATTRS):
         return "packed weights"
     return None
+
+
+def _is_dtensor(weight: torch.Tensor) -> bool:
+    """A distributed (sharded / tensor-parallel) float weight is not a quantized one."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return False
+    return isinstance(weight, DTensor)
 
 
 def refuse_unsupported_quantized(module: nn.Module) -> None:
@@ -181,6 +190,8 @@ class Linear8bitLt(_BnbLinear):
         from peft.utils.integrations import dequantize_bnb_weight
 
         base = self.get_base_layer()
+        if base.weight.dtype != torch.int8:  # has_fp16_weights=True: the weight is kept in float
+            return base.weight.data
         if base.state.SCB is None:
             base.state.SCB = base.weight.SCB
         return dequantize_bnb_weight(base.weight, state=base.state)
@@ -190,6 +201,10 @@ class Linear8bitLt(_BnbLinear):
 
         base = self.get_base_layer()
         old = base.weight
+        if old.dtype != torch.int8:  # has_fp16_weights=True: a float weight, updated in place
+            old.data = weight.to(old.dtype)
+            base.state.reset_grads()
+            return
         # Int8Params quantizes (row-wise absmax) when moved from the CPU to a device, the CPU included.
         base.weight = bnb.nn.Int8Params(
             weight.to("cpu"), requires_grad=False, has_fp16_weights=old.has_fp16_weights
