@@ -17,7 +17,7 @@ from peft_hydra.compare.methods import (
 
 from conftest import make_tiny_llama
 
-ALL = ["lora", "lora_split", "loha", "lokr", "hydralora", "hydralora_uniform", "hydralora_n1", "adalora"]
+ALL = ["lora", "lora_split", "loha", "lokr", "lily", "hydralora", "hydralora_uniform", "hydralora_n1", "adalora"]
 TM = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -15,13 +15,24 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         help="Train HydraLoRA, LoRA, LoRA-split, LoHa, LoKr (+ ablations) side by side and write a report.",
         description="Train every method of the config on the same data, order, steps and seeds; write results.md, "
-        "results.json and PNG plots to results/<config name>/ (or --output).",
+        "results.json and PNG plots to runs/<config name>/ (git-ignored; or --output).",
     )
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/smoke.yaml, default.yaml, full.yaml")
-    p.add_argument("--output", default=None, help="Output folder (default: results/<config name>)")
+    p.add_argument("--output", default=None, help="Output folder (default: runs/<config name>, git-ignored; the committed reference runs live in results/)")
     p.add_argument("--steps", type=int, default=None, help="Override `steps` of the config")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="Override `seeds` of the config")
     p.add_argument("--methods", nargs="+", default=None, help="Override `methods` of the config")
+    a = sub.add_parser(
+        "analyze",
+        help="Observation II: train one LoRA per group of categories and compare their A's and B's.",
+        description="Train one PEFT LoRA per group of categories (the config's model, data, modules, layers, steps) "
+        "and measure how alike their A matrices are across groups vs their B matrices (principal angles, cosine, "
+        "random baseline, t-SNE). Options in the config's `analysis:` mapping: groups (source | category | "
+        "{name: [categories]}), inits ([same, different]), steps, lr, seed.",
+    )
+    a.add_argument("--config", required=True, help="YAML config (the same format as `compare`)")
+    a.add_argument("--output", default=None, help="Output folder (default: runs/<config name>_analysis, git-ignored)")
+    a.add_argument("--steps", type=int, default=None, help="Override `analysis.steps`")
     r = sub.add_parser("report", help="Rewrite results.md and the plots of a comparison from its results.json.")
     r.add_argument("dir", help="A comparison output folder holding results.json")
     return parser
@@ -35,11 +46,20 @@ def main(argv=None) -> int:
         if not os.path.exists(os.path.join(args.dir, "results.json")):
             print(f"peft-hydra report: {args.dir}/results.json does not exist.", file=sys.stderr)
             return 2
-        print("\n".join(rewrite(args.dir)))
+        files = rewrite(args.dir)
+        import json
+
+        from .report import summary_lines
+
+        with open(os.path.join(args.dir, "results.json")) as f:
+            print("\n".join(summary_lines(json.load(f))))
+        print("rewrote " + ", ".join(files))
         return 0
     from .settings import ConfigError, load_config
     from .train import ModelUnavailable
 
+    if args.cmd == "analyze":
+        return _analyze(args, argv)
     overrides = {}
     if args.steps is not None:
         overrides["steps"] = args.steps
@@ -52,7 +72,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"peft-hydra compare: bad config: {e}", file=sys.stderr)
         return 2
-    output = args.output or os.path.join("results", cfg["name"])
+    output = args.output or os.path.join("runs", cfg["name"])
     command = "peft-hydra " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     from .run import run_comparison
 
@@ -63,6 +83,31 @@ def main(argv=None) -> int:
         return 3
     except ValueError as e:  # config problems found while building data / budgets
         print(f"peft-hydra compare: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _analyze(args, argv) -> int:
+    from .analyze import run_analysis
+    from .settings import ConfigError, load_config
+    from .train import ModelUnavailable
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"peft-hydra analyze: bad config: {e}", file=sys.stderr)
+        return 2
+    if args.steps is not None:
+        cfg["analysis"] = {**(cfg.get("analysis") or {}), "steps": args.steps}
+    output = args.output or os.path.join("runs", cfg["name"] + "_analysis")
+    command = "peft-hydra " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    try:
+        run_analysis(cfg, output, command, log=lambda s: print(s, file=sys.stderr, flush=True))
+    except ModelUnavailable as e:
+        print(f"peft-hydra analyze: the model cannot be loaded.\n{e}", file=sys.stderr)
+        return 3
+    except ValueError as e:
+        print(f"peft-hydra analyze: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     return 0
 

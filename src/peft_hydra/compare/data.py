@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from collections import OrderedDict, defaultdict
 from typing import Any, Optional
 
@@ -50,7 +51,10 @@ class DataConfigError(ValueError):
 
 def _read_jsonl(path: str) -> list[dict]:
     if not os.path.exists(path):
-        raise DataConfigError(f"Data file {path!r} does not exist: fix `data.sources[].path` in the config.")
+        raise DataConfigError(
+            f"Data file {path!r} does not exist: fix `data.sources[].path` in the config (a relative path is read "
+            "from the config file's folder)."
+        )
     out = []
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
@@ -210,6 +214,42 @@ def tokenize(examples: list[dict], tokenizer, max_length: int, max_answer_tokens
         ids = (p + a)[:max_length]
         out.append(dict(ex, input_ids=ids, n_prompt=len(p)))
     return out
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def generation_rule(ex: dict) -> Optional[str]:
+    """How a generated answer is scored: ``"final_number"`` (GSM8K: the number after ``####``, else the last number),
+    ``"exact_line"`` (short answers: the first generated line, stripped, equals the answer), or None (not scored)."""
+    if ex.get("source") == "gsm8k":
+        return "final_number"
+    return "exact_line" if ex.get("short_answer") else None
+
+
+def final_number(text: str) -> Optional[str]:
+    part = text.split("####", 1)[1] if "####" in text else text
+    nums = _NUMBER.findall(part)
+    if not nums:
+        return None
+    n = (nums[0] if "####" in text else nums[-1]).replace(",", "").rstrip(".")
+    try:
+        return f"{float(n):g}"
+    except ValueError:
+        return None
+
+
+def generation_done(rule: str, text: str) -> bool:
+    """Stop rule: a full first line (exact_line), or a number after ``####`` followed by a line end (final_number)."""
+    if rule == "exact_line":
+        return "\n" in text.lstrip("\n")
+    return "####" in text and bool(re.search(r"####\s*-?[\d,.]+\s*\n", text))
+
+
+def generated_correct(rule: str, generated: str, answer: str) -> bool:
+    if rule == "exact_line":
+        return generated.lstrip("\n").split("\n", 1)[0].strip() == answer.strip()
+    return final_number(generated) is not None and final_number(generated) == final_number(answer)
 
 
 def training_texts(examples: list[dict]) -> list[str]:

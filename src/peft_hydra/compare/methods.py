@@ -36,12 +36,19 @@ METHODS: dict[str, tuple[str, dict, str]] = {
         "HydraLoRA ablation: uniform fixed gates 1/N, no router (HydraLoraConfig(fixed_gates='uniform')).",
     ),
     "hydralora_n1": ("hydra", {"num_experts": 1}, "HydraLoRA ablation: N = 1 head (no router; equals LoRA)."),
+    "lily": (
+        "lily",
+        {},
+        "PEFT Lily (LilyConfig): A shared by every `stride_A` adjacent layers, `num_B` B experts shared by all adapted "
+        "layers of a module type and mixed by a router; r solved, stride_A = 2 and num_B = max(2, layers / stride_A) "
+        "unless set, scaling = alpha_over_r (LoRA's alpha / r).",
+    ),
     "ia3": ("ia3", {}, "PEFT IA3: learned scaling vectors (fixed parameter count, not budget-matched)."),
     "adalora": ("adalora", {}, "PEFT AdaLoRA: SVD-form LoRA with rank allocation (init_r solved, target_r = init_r/2)."),
     "full": ("full", {}, "Full fine-tuning of the adapted layers' target modules (not budget-matched)."),
 }
 
-BUDGETED_KINDS = ("lora", "hydra", "loha", "lokr", "adalora")
+BUDGETED_KINDS = ("lora", "hydra", "loha", "lokr", "adalora", "lily")
 LOKR_FACTORS = (-1, 2, 4, 8, 16, 32)
 
 
@@ -109,6 +116,13 @@ def build_peft_config(spec: MethodSpec, r: int, factor: int, common: dict, total
         return peft.LoKrConfig(
             r=r, alpha=alpha, decompose_factor=factor, target_modules=tm, layers_to_transform=layers, **opts
         )
+    if spec.kind == "lily":
+        stride = int(opts.pop("stride_A", 2))
+        n_layers = len(layers) if layers is not None else int(common.get("num_layers", stride))
+        num_b = int(opts.pop("num_B", max(2, math.ceil(n_layers / stride))))
+        scaling = float(opts.pop("scaling", common.get("alpha_over_r", 2.0)))
+        return peft.LilyConfig(r=r, stride_A=stride, num_B=num_b, scaling=scaling, target_modules=tm,
+                               layers_to_transform=layers, **opts)  # fmt: skip
     if spec.kind == "adalora":
         return peft.AdaLoraConfig(
             init_r=r, target_r=max(1, r // 2), lora_alpha=alpha, total_step=total_steps,
@@ -155,6 +169,8 @@ def max_rank(spec: MethodSpec, r: int, factor: int, common: dict, n: int) -> dic
     """Upper bound of the rank of the weight update of one (in=out=d) module, as a number and a formula."""
     if spec.kind == "lora":
         return {"value": r, "formula": "r"}
+    if spec.kind == "lily":
+        return {"value": r, "formula": "r (A shared across stride_A layers, router mix of num_B shared B's)"}
     if spec.kind == "adalora":
         return {"value": r, "formula": "init_r (pruned towards target_r)"}
     if spec.kind == "loha":

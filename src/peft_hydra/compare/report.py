@@ -53,6 +53,13 @@ def run_record(spec, seed, lr, out, ev, eval_examples, budget_entry) -> dict[str
         "train_loss_curve": [round(x, 5) for x in out["train_loss_curve"]],
         "eval_example_losses": [round(x, 6) for x in losses],
     }
+    if "generated_correct" in ev:
+        gen_cat = defaultdict(list)
+        for ex, ok in zip(eval_examples, ev["generated_correct"]):
+            if ok is not None:
+                gen_cat[ex["category"]].append(float(ok))
+        rec["gen_accuracy"] = _mean([a for v in gen_cat.values() for a in v]) if gen_cat else None
+        rec["gen_accuracy_by_category"] = {k: _mean(v) for k, v in gen_cat.items()}
     if "router" in ev:
         rec["router_by_category"] = ev["router"]
     return rec
@@ -138,10 +145,88 @@ def summarize(results: dict) -> dict:
                                           _std([r["eval_loss_by_category"][c] for r in rs])] for c in cats},
             "accuracy_mean": _mean([r["accuracy"] for r in rs]),
             "accuracy_std": _std([r["accuracy"] for r in rs]),
+            "gen_accuracy_mean": _mean([r.get("gen_accuracy") for r in rs]),
+            "gen_accuracy_std": _std([r.get("gen_accuracy") for r in rs]),
+            "gen_accuracy_by_category": {c: _mean([r.get("gen_accuracy_by_category", {}).get(c) for r in rs])
+                                         for c in rs[0].get("gen_accuracy_by_category", {})},
             "s_per_step_mean": _mean([r["s_per_step"] for r in rs]),
             "peak_mem_mb_mean": _mean([r["peak_mem_mb"] for r in rs]),
         }  # fmt: skip
     return out
+
+
+# ----------------------------------------------------------------------------------------------- summary
+def _ci(row) -> str:
+    return f"{row['mean_diff']:+.4f} [{row['ci95'][0]:+.4f}, {row['ci95'][1]:+.4f}]"
+
+
+def caveats(res: dict) -> list[str]:
+    """Everything the run itself knows that limits what its numbers say."""
+    out = []
+    cfg = res["config"]
+    if not res.get("finished"):
+        out.append("The run did not finish: these are partial results.")
+    for m, sw in (res.get("lr_sweep") or {}).items():
+        lrs = sorted(float(x) for x in sw["val_loss"])
+        grid = ", ".join(f"{x:g}" for x in sw.get("grid", lrs))
+        if "at_edge" not in sw and len(lrs) > 1 and float(sw["chosen"]) in (lrs[0], lrs[-1]):  # a run before extension
+            side = "low" if float(sw["chosen"]) == lrs[0] else "high"
+            out.append(f"`{m}`: its chosen rate {float(sw['chosen']):g} is at the {side} edge of its grid [{grid}] "
+                       "(this run predates grid extension): a better rate may lie beyond.")
+        elif sw.get("all_diverged"):
+            out.append(f"`{m}`: every learning rate of its grid [{grid}] diverged; its rate is the lowest tried.")
+        elif sw.get("at_edge"):
+            out.append(f"`{m}`: its chosen rate {sw['chosen']:g} is still at the {sw['at_edge']} edge of its grid "
+                       f"[{grid}] (after {len(sw.get('extended', []))} extension(s)): a better rate may lie beyond.")
+    if len(cfg.get("lr_sweep") or []) <= 1:
+        out.append("No learning-rate sweep: every method used the same fixed rate, which may suit some more than others.")
+    for m, b in res["budget"]["methods"].items():
+        if b.get("note") and res["budget"].get("target") and not b.get("within_tolerance", True):
+            out.append(f"`{m}`: {b['note']} (budget {res['budget']['target']:,}, tolerance {res['budget']['tolerance']:.0%}).")
+    pv = res.get("paired_vs_reference") or {}
+    for g, rows in pv.items():
+        if g == "reference":
+            continue
+        for m, row in rows.items():
+            ps = row["per_seed_mean_diff"]
+            ci_excl = row["ci95"][0] > 0 or row["ci95"][1] < 0
+            mixed = len(ps) > 1 and not (all(x < 0 for x in ps) or all(x > 0 for x in ps))
+            if ci_excl and row["p_holm"] < 0.05 and mixed:
+                out.append(f"`{m}` on {g}: the CI excludes 0 but the seeds disagree in sign "
+                           f"({', '.join(f'{x:+.4f}' for x in ps)}): not called better or worse.")
+    seeds = sorted({r["seed"] for r in res["runs"]})
+    if len(seeds) == 1:
+        out.append("One seed only: seed-to-seed variation is not measured; the CIs cover the eval examples only.")
+    ne = res.get("num_experts") or {}
+    if ne.get("auto") and ne.get("curve") and ne["curve"].get("fallback_used"):
+        out.append(f"`num_experts: auto`: {ne['curve']['reason']}.")
+    c = res.get("cache") or {}
+    if c.get("reused_from_disk"):
+        out.append("The wall time excludes computing the frozen lower layers' hidden states (reused from the disk cache).")
+    return out
+
+
+def summary_lines(res: dict) -> list[str]:
+    """Who is better, worse or indistinguishable from the reference (overall and per source), with CIs."""
+    pv = res.get("paired_vs_reference")
+    L = []
+    if not pv:
+        L.append("No paired comparison (the reference method has no finished run).")
+    else:
+        ref = pv["reference"]
+        groups = [g for g in pv if g not in ("reference", "all")]
+        L.append(f"Against `{ref}` (eval loss per answer token, method - {ref}, negative = better; mean [95% CI]):")
+        for m, row in pv.get("all", {}).items():
+            extra = [f"{pv[g][m]['verdict']} on {g} {_ci(pv[g][m])}" for g in groups
+                     if m in pv[g] and pv[g][m]["verdict"] != "no detectable difference"]  # fmt: skip
+            verdict = row["verdict"] if row["verdict"] != "no detectable difference" else "no detectable difference"
+            L.append(f"- `{m}`: {verdict} overall {_ci(row)}" + (f"; {'; '.join(extra)}" if extra else ""))
+    cav = caveats(res)
+    if cav:
+        L.append("")
+        L.append("Caveats:")
+        L.extend(f"- {c}" for c in cav)
+    return L
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -179,6 +264,10 @@ def markdown(res: dict, plots: list[str]) -> str:
     L = []
     L.append(f"# Comparison `{cfg['name']}`" + ("" if res.get("finished") else " (IN PROGRESS: partial results)"))
     L.append("")
+    L.append("## Summary")
+    L.extend(summary_lines(res))
+    L.append("")
+    L.append("## Set-up")
     L.append(f"- Model: {res['model']}")
     m = res["machine"]
     L.append(f"- Machine: {m.get('cpu_model', m['processor'])}, {m['cpu_count']} CPUs, torch threads "
@@ -200,13 +289,14 @@ def markdown(res: dict, plots: list[str]) -> str:
                 + "; cached vs full forward loss max |diff| "
                 f"{c['max_abs_loss_diff_vs_full_forward']:.1e}); the LM head runs on answer tokens only."
                 if c["enabled"] else " Plain full forward (no caching)."))  # fmt: skip
-    L.append(f"- Training: {cfg['steps']} steps, batch {cfg['batch_size']}, AdamW (no weight decay), linear warmup "
-             f"{cfg['warmup']:.0%} then linear decay, grad-norm clip {cfg['max_grad_norm']}, seeds {cfg['seeds']} "
+    L.append(f"- Training: {cfg['steps']} steps, batch {cfg['batch_size']}, AdamW (weight decay "
+             f"{cfg.get('weight_decay', 0.0):g}), linear warmup {cfg['warmup']:.0%} then {cfg.get('schedule', 'linear')} decay, grad-norm clip {cfg['max_grad_norm']}, seeds {cfg['seeds']} "
              f"(a seed fixes the adapter init and the data order, the same for every method), "
              f"alpha = {cfg['alpha_over_r']} x r.")  # fmt: skip
     ne = res["num_experts"]
     L.append(f"- HydraLoRA heads N = {ne['value']}" + (" (chosen by `num_experts: auto`, "
-             "`peft_hydra.suggest_num_experts`: TF-IDF + k-means elbow on the training texts)" if ne["auto"] else ""))
+             "`peft_hydra.suggest_num_experts`: TF-IDF + k-means elbow on the training texts"
+             + (f": {ne['curve']['reason']}" if ne.get("curve", {}).get("reason") else "") + ")" if ne["auto"] else ""))
     L.append("- Loss: causal-LM loss per answer token (prompt masked); an example's loss is its mean over its answer "
              "tokens; eval loss = mean over examples. Accuracy (short-answer sources only): greedy decoding would "
              "emit exactly the answer tokens and then EOS (computed exactly from the teacher-forced argmax).")
@@ -221,11 +311,21 @@ def markdown(res: dict, plots: list[str]) -> str:
     if res["lr_sweep"]:
         L.append("## Learning-rate sweep (validation split carved from train, seed "
                  f"{cfg['seeds'][0]}, {next(iter(res['lr_sweep'].values()))['steps']} steps)")
-        lrs = list(next(iter(res["lr_sweep"].values()))["val_loss"])
-        L.append("| method | " + " | ".join(f"lr {x}" for x in lrs) + " | chosen |")
-        L.append("|---" * (len(lrs) + 2) + "|")
+        L.append(f"Initial grid {[float(x) for x in cfg['lr_sweep']]}; when a method's best rate is at an edge of its "
+                 f"grid, the next rate on that side (x or / {cfg.get('lr_extend_factor', 3.0):g}) is tried, at most "
+                 f"{cfg.get('lr_extend', 0)} per side. `-`: not tried for that method.")  # fmt: skip
+        L.append("")
+        lrs = sorted({float(x) for sw in res["lr_sweep"].values() for x in sw["val_loss"]})
+        L.append("| method | " + " | ".join(f"lr {x:g}" for x in lrs) + " | chosen | final grid |")
+        L.append("|---" * (len(lrs) + 3) + "|")
         for mth, sw in res["lr_sweep"].items():
-            L.append(f"| {mth} | " + " | ".join(_fmt(sw["val_loss"][x]) for x in lrs) + f" | {sw['chosen']:g} |")
+            vals = {float(k): v for k, v in sw["val_loss"].items()}
+            cells = [("**" + _fmt(vals[x]) + "**") if x == float(sw["chosen"]) else _fmt(vals.get(x)) for x in lrs]
+            flag = f" (at {sw['at_edge']} edge)" if sw.get("at_edge") else ""
+            grid = sw.get("grid") or sorted(vals)
+            L.append(f"| {mth} | " + " | ".join(cells) + f" | {float(sw['chosen']):g}{flag} | "
+                     f"{', '.join(f'{x:g}' for x in grid)}" + (f" (extended by {', '.join(f'{x:g}' for x in sw['extended'])})"
+                                                             if sw.get("extended") else "") + " |")  # fmt: skip
         L.append("")
     L.append("## Results (mean +- std over seeds)")
     tgt = res["budget"]["target"]
@@ -287,12 +387,36 @@ def markdown(res: dict, plots: list[str]) -> str:
             L.append(f"| {cat} | {info['source']} | " + " | ".join(
                 ("**" + _fmt(v) + "**") if v == best else _fmt(v) for v in vals) + " |")  # fmt: skip
         L.append("")
+    if summ and any(v.get("gen_accuracy_mean") is not None for v in summ.values()):
+        mths = list(summ)
+        L.append("## Accuracy by greedy generation (mean over seeds)")
+        L.append("Greedy decoding from the prompt with the full model (KV cache), stopped at EOS or by the source's "
+                 "rule: short answers (BBH) stop at the first line break and must equal the answer exactly (stripped); "
+                 "GSM8K stops once `#### <number>` ends a line and scores the final number (after `####`, else the "
+                 f"last number). At most {cfg.get('generate_max_new_tokens', 24)} new tokens (GSM8K: 8x).")  # fmt: skip
+        L.append("")
+        L.append("| category | " + " | ".join(mths) + " |")
+        L.append("|---" * (len(mths) + 1) + "|")
+        L.append("| **all scored** | " + " | ".join(
+            "-" if summ[m_]["gen_accuracy_mean"] is None else
+            f"{100 * summ[m_]['gen_accuracy_mean']:.1f} +- {100 * summ[m_]['gen_accuracy_std']:.1f}%" for m_ in mths) + " |")  # fmt: skip
+        for cat in summ[mths[0]].get("gen_accuracy_by_category", {}):
+            L.append(f"| {cat} | " + " | ".join(_fmt(None if summ[m_]["gen_accuracy_by_category"].get(cat) is None
+                     else 100 * summ[m_]["gen_accuracy_by_category"][cat], 1) for m_ in mths) + " |")  # fmt: skip
+        L.append("")
     if plots:
         L.append("## Plots")
         for p in plots:
             L.append(f"![{p}]({p})")
         L.append("")
     return "\n".join(L) + "\n"
+
+
+VERDICT_COLORS = {"better": "tab:blue", "worse": "tab:red", "no detectable difference": "0.45"}
+
+
+def _short(label: str, n: int = 26) -> str:
+    return label if len(label) <= n else label[: n - 1] + "~"
 
 
 def make_plots(res: dict, out: str) -> list[str]:
@@ -306,33 +430,77 @@ def make_plots(res: dict, out: str) -> list[str]:
     if not summ:
         return files
     mths = list(summ)
-    # 1. eval loss per method
-    fig, ax = plt.subplots(figsize=(1.2 * len(mths) + 2, 3.5))
-    ax.bar(mths, [summ[m]["eval_loss_mean"] for m in mths], yerr=[summ[m]["eval_loss_std"] for m in mths], capsize=4)
-    lo = min(summ[m]["eval_loss_mean"] for m in mths)
-    hi = max(summ[m]["eval_loss_mean"] for m in mths)
-    ax.set_ylim(lo - 0.5 * (hi - lo + 1e-3) - 0.01, hi + 0.5 * (hi - lo + 1e-3) + 0.01)
-    ax.set_ylabel("eval loss / answer token")
-    ax.set_title("Eval loss (mean +- std over seeds)")
-    plt.xticks(rotation=30, ha="right")
+    ref = res["config"]["reference"]
+    pv = res.get("paired_vs_reference") or {}
+    # 1. eval loss per method (axis from 0) and the paired differences against the reference with 95% CIs
+    groups = [g for g in pv if g != "reference"]
+    others = [m for m in mths if m != ref and m in pv.get("all", {})]
+    fig, axes = plt.subplots(1, 2 if others else 1, figsize=(12 if others else 6, 0.45 * len(mths) + 2.2),
+                             squeeze=False, gridspec_kw={"width_ratios": [1, 1.6]} if others else None)  # fmt: skip
+    ax = axes[0][0]
+    y = np.arange(len(mths))
+    ax.barh(y, [summ[m]["eval_loss_mean"] for m in mths], xerr=[summ[m]["eval_loss_std"] for m in mths],
+            color=["tab:green" if m == ref else "tab:gray" for m in mths], capsize=3)  # fmt: skip
+    ax.set_yticks(y, mths)
+    ax.invert_yaxis()
+    ax.set_xlim(0, None)
+    ax.set_xlabel("eval loss / answer token (mean +- std over seeds)")
+    ax.set_title("Eval loss (axis from 0)", fontsize=10)
+    if others:
+        ax = axes[0][1]
+        ax.axvline(0, color="k", lw=0.8)
+        offs = np.linspace(-0.3, 0.3, len(groups)) if len(groups) > 1 else [0.0]
+        markers = ["o", "s", "^", "D", "v", "P"]
+        for gi, g in enumerate(groups):
+            for j, m in enumerate(others):
+                row = pv[g].get(m)
+                if row is None:
+                    continue
+                lo, hi = row["ci95"]
+                col = VERDICT_COLORS[row["verdict"]]
+                ax.errorbar(row["mean_diff"], j + offs[gi], xerr=[[row["mean_diff"] - lo], [hi - row["mean_diff"]]],
+                            fmt=markers[gi % len(markers)], color=col, ms=5 if g == "all" else 4, capsize=2,
+                            lw=2 if g == "all" else 1)  # fmt: skip
+        ax.set_yticks(range(len(others)), others)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"eval loss - {ref} (per token; < 0 = better than {ref})")
+        handles = [plt.Line2D([], [], ls="", marker=markers[i % len(markers)], color="k", label=g)
+                   for i, g in enumerate(groups)]  # fmt: skip
+        handles += [plt.Line2D([], [], ls="-", color=c, label=v) for v, c in VERDICT_COLORS.items()]
+        ax.legend(handles=handles, fontsize=7, loc="best")
+        ax.set_title(f"Paired difference vs {ref}, 95% bootstrap CI (colour = verdict)", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "eval_loss.png"), dpi=110)
     plt.close(fig)
     files.append("eval_loss.png")
-    # 2. per-category difference vs reference
-    ref = res["config"]["reference"]
+    # 2. per-category difference vs reference: categories as rows, grouped by source
     if ref in summ and len(mths) > 1:
-        cats = list(summ[ref]["eval_loss_by_category"])
-        others = [m for m in mths if m != ref]
-        M = np.array([[summ[m]["eval_loss_by_category"][c][0] - summ[ref]["eval_loss_by_category"][c][0] for c in cats]
-                      for m in others])  # fmt: skip
-        v = float(np.nanmax(np.abs(M))) or 1e-3
-        fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(cats) + 2), 0.45 * len(others) + 2))
+        src_of = {c: info["source"] for c, info in res["data"]["categories"].items()}
+        cats = sorted(summ[ref]["eval_loss_by_category"], key=lambda c: (list(dict.fromkeys(src_of.values())).index(
+            src_of.get(c, "")) if c in src_of else 99, c))  # fmt: skip
+        others2 = [m for m in mths if m != ref]
+        M = np.array([[summ[m]["eval_loss_by_category"][c][0] - summ[ref]["eval_loss_by_category"][c][0]
+                       for m in others2] for c in cats])  # fmt: skip
+        v = float(np.nanpercentile(np.abs(M), 98)) or 1e-3  # a few outliers do not wash out the rest
+        fig, ax = plt.subplots(figsize=(1.0 * len(others2) + 4.5, 0.24 * len(cats) + 1.8))
         im = ax.imshow(M, cmap="RdBu_r", vmin=-v, vmax=v, aspect="auto")
-        ax.set_xticks(range(len(cats)), cats, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(others)), others)
-        fig.colorbar(im, ax=ax, label=f"eval loss - {ref} (blue = better)")
-        ax.set_title(f"Per-category eval loss difference vs {ref}")
+        ax.set_yticks(range(len(cats)), [_short(c) for c in cats], fontsize=7)
+        ax.set_xticks(range(len(others2)), others2, rotation=35, ha="right", fontsize=8)
+        ax.xaxis.tick_top()
+        plt.setp(ax.get_xticklabels(), rotation=35, ha="left")
+        prev = None
+        for i, c in enumerate(cats):
+            if src_of.get(c) != prev:
+                if i:
+                    ax.axhline(i - 0.5, color="k", lw=1.2)
+                n_in = sum(1 for c2 in cats if src_of.get(c2) == src_of.get(c))
+                ax.text(len(others2) - 0.4, i - 0.5 + n_in / 2, src_of.get(c, "?"), rotation=-90, va="center",
+                        ha="left", fontsize=8, fontweight="bold")  # fmt: skip
+                prev = src_of.get(c)
+        fig.colorbar(im, ax=ax, label=f"eval loss - {ref} (blue = better; clipped at the 98th percentile)", pad=0.08,
+                     extend="both")  # fmt: skip
+        ax.set_title(f"Per-category eval loss difference vs {ref} (mean over seeds)", fontsize=9, pad=40)
         fig.tight_layout()
         fig.savefig(os.path.join(out, "category_delta.png"), dpi=110)
         plt.close(fig)
@@ -355,30 +523,55 @@ def make_plots(res: dict, out: str) -> list[str]:
     fig.savefig(os.path.join(out, "train_curves.png"), dpi=110)
     plt.close(fig)
     files.append("train_curves.png")
-    # 4. lr sweep
+    # 4. lr sweep: log x; the y-axis shows the range that decides the choice, diverged points are drawn at the top
     if res["lr_sweep"]:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for mth, sw in res["lr_sweep"].items():
-            xs = [float(x) for x in sw["val_loss"]]
-            ax.plot(xs, list(sw["val_loss"].values()), marker="o", label=mth)
+        fig, ax = plt.subplots(figsize=(7, 4))
+        allv = [v for sw in res["lr_sweep"].values() for v in sw["val_loss"].values() if v == v and np.isfinite(v)]
+        lo = min(allv) if allv else 0.0
+        keep = [v for v in allv if v <= 1.5 * lo] or [lo + 1]
+        top = max(keep) + 0.08 * (max(keep) - lo + 1e-3)
+        for i, (mth, sw) in enumerate(res["lr_sweep"].items()):
+            xs = sorted(float(x) for x in sw["val_loss"])
+            ys = [{float(k): v for k, v in sw["val_loss"].items()}[x] for x in xs]
+            yc = [min(v, top) if (v == v and np.isfinite(v)) else top for v in ys]
+            edge = f" (at {sw['at_edge']} edge!)" if sw.get("at_edge") else ""
+            (line,) = ax.plot(xs, yc, marker="o", ms=4, label=f"{mth}: {float(sw['chosen']):g}{edge}")
+            for x, v, c in zip(xs, ys, yc):
+                if c >= top:
+                    ax.plot([x], [top], marker="^", color=line.get_color(), ms=8)
+                    ax.annotate(f"{v:.1f}" if v == v and np.isfinite(v) else "nan", (x, top), fontsize=6,
+                                xytext=(2, -9), textcoords="offset points", color=line.get_color())  # fmt: skip
+            ch = float(sw["chosen"])
+            ax.plot([ch], [min(dict(zip(xs, ys))[ch], top)], marker="*", ms=14, color=line.get_color(), mec="k")
         ax.set_xscale("log")
-        ax.set_xlabel("learning rate")
+        ax.set_ylim(lo - 0.08 * (top - lo), top + 0.02 * (top - lo))
+        ax.set_xlabel("learning rate (log)")
         ax.set_ylabel("validation loss")
-        ax.legend(fontsize=7)
+        ax.set_title("lr sweep (star = chosen; ^ = above the axis, value written)", fontsize=9)
+        ax.legend(fontsize=7, title="method: chosen lr", title_fontsize=7)
+        ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(os.path.join(out, "lr_sweep.png"), dpi=110)
         plt.close(fig)
         files.append("lr_sweep.png")
-    # 5. elbow curve
+    # 5. elbow curve, with its chord and the verdict
     ne = res["num_experts"]
     if ne.get("curve"):
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.plot(ne["curve"]["k"], ne["curve"]["sse"], marker="o")
-        ax.axvline(ne["curve"]["num_experts"], color="r", ls="--", label=f"elbow k={ne['curve']['num_experts']}")
+        cv = ne["curve"]
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        ax.plot(cv["k"], cv["sse"], marker="o", label="SSE (whole corpus)")
+        ax.plot([cv["k"][0], cv["k"][-1]], [cv["sse"][0], cv["sse"][-1]], "k:", lw=1, label="chord (no elbow)")
+        elbow = cv.get("elbow", cv["num_experts"])
+        ax.axvline(elbow, color="r", ls="--", label=f"elbow k={elbow}" + ("" if cv.get("clear", True) else " (not clear)"))
         ax.set_xlabel("k (clusters)")
         ax.set_ylabel("k-means SSE (TF-IDF)")
-        ax.set_title(f"num_experts: auto -> N = {ne['value']}")
-        ax.legend()
+        if "clear" in cv:
+            verdict = ("clear elbow" if cv["clear"] else "no clear elbow") + f": gap {cv['gap']:.3f} (margin " \
+                f"{cv['margin']}), folds {cv['fold_elbows']}"
+        else:
+            verdict = ""
+        ax.set_title(f"num_experts: auto -> N = {ne['value']}\n{verdict}", fontsize=8)
+        ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(out, "num_experts_elbow.png"), dpi=110)
         plt.close(fig)

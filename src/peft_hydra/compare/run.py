@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -78,15 +79,50 @@ def verify_cache(model, examples, cache, first_top: int, device, tol: float = 1e
     return diff
 
 
-def run_comparison(cfg: dict, output_dir: str, command: str, log=print) -> dict[str, Any]:
-    from . import report
+def _nice(x: float) -> float:
+    return float(f"{x:.3g}")
 
-    t_start = time.time()
+
+def sweep_learning_rate(score, grid, factor: float = 3.0, max_extend: int = 3, log=None) -> dict[str, Any]:
+    """Score every rate of ``grid`` (``score(lr)`` -> validation loss, lower is better; NaN/inf = diverged). While the
+    best rate is the lowest or highest rate tried, add the next rate on that side (edge / factor or edge x factor),
+    at most ``max_extend`` per side. Returns ``{"val_loss": {lr: loss}, "chosen", "grid" (final, sorted),
+    "initial_grid", "extended" (added rates, in order), "at_edge" (None, "low" or "high": still at an edge)}``."""
+    res = {float(lr): float(score(float(lr))) for lr in grid}
+
+    def best():
+        finite = {k: v for k, v in res.items() if math.isfinite(v)}
+        return min(finite, key=finite.get) if finite else min(res)  # all diverged: the lowest rate, flagged below
+
+    added, n_low, n_high = [], 0, 0
+    while len(res) > 1:
+        b, lrs = best(), sorted(res)
+        if b == lrs[-1] and n_high < max_extend:
+            new, n_high = _nice(lrs[-1] * factor), n_high + 1
+        elif b == lrs[0] and n_low < max_extend:
+            new, n_low = _nice(lrs[0] / factor), n_low + 1
+        else:
+            break
+        res[new] = float(score(new))
+        added.append(new)
+        if log:
+            log(f"  lr {b:g} was at the edge of the grid: tried {new:g} -> {res[new]:.4f}")
+    b, lrs = best(), sorted(res)
+    edge = None
+    if len(lrs) > 1 and b == lrs[0]:
+        edge = "low"
+    elif len(lrs) > 1 and b == lrs[-1]:
+        edge = "high"
+    return {"val_loss": {f"{k:g}": res[k] for k in lrs}, "chosen": b, "grid": lrs,
+            "initial_grid": sorted(float(x) for x in grid), "extended": added, "at_edge": edge,
+            "all_diverged": not any(math.isfinite(v) for v in res.values())}  # fmt: skip
+
+
+def prepare(cfg: dict, log=print) -> dict[str, Any]:
+    """Load the model and data, tokenise, and cache the frozen lower layers: what every run of a config shares."""
     device = cfg["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    os.makedirs(output_dir, exist_ok=True)
-
     model, tok, model_desc = load_model(cfg["model"], cfg["dtype"])
     model.to(device)
     for p in model.parameters():
@@ -123,17 +159,30 @@ def run_comparison(cfg: dict, output_dir: str, command: str, log=print) -> dict[
                       "reused_from_disk": n_reused, "max_abs_loss_diff_vs_full_forward": diff}  # fmt: skip
         log(f"cached layers 0..{first_top - 1} for {len(all_ex)} examples ({n_reused} from disk) in {cache_info['seconds']:.1f}s "
             f"({mb:.0f} MB); cached vs full forward loss max |diff| = {diff:.2e}")  # fmt: skip
+    return {"device": device, "model": model, "tok": tok, "model_desc": model_desc, "splits": splits, "tokd": tokd,
+            "common": common, "cache": cache, "cache_info": cache_info, "first_top_arg": first_top_arg}  # fmt: skip
+
+
+def run_comparison(cfg: dict, output_dir: str, command: str, log=print) -> dict[str, Any]:
+    from . import report
+
+    t_start = time.time()
+    os.makedirs(output_dir, exist_ok=True)
+    P = prepare(cfg, log)
+    device, model, tok, model_desc, splits, tokd = (P[k] for k in ("device", "model", "tok", "model_desc", "splits", "tokd"))
+    common, cache, cache_info, first_top_arg = P["common"], P["cache"], P["cache_info"], P["first_top_arg"]
+    dcfg = cfg["data"]
 
     # number of heads
     ne_info: dict[str, Any] = {"auto": cfg["num_experts"] == "auto"}
     if cfg["num_experts"] == "auto":
-        from ..heads import suggest_num_experts
+        import peft_hydra
 
-        n, curve = suggest_num_experts(D.training_texts(tokd["train"]), k_max=int(cfg["num_experts_k_max"]),
-                                       return_curve=True)  # fmt: skip
+        n, curve = peft_hydra.suggest_num_experts(D.training_texts(tokd["train"]), k_max=int(cfg["num_experts_k_max"]),
+                                                  fallback=int(cfg["num_experts_fallback"]), return_curve=True)  # fmt: skip
         n = max(2, n)
-        ne_info.update(value=n, curve=curve, note="elbow of TF-IDF k-means SSE (at least 2 heads)")
-        log(f"num_experts: auto -> N = {n} (elbow at {curve['num_experts']})")
+        ne_info.update(value=n, curve=curve, clear=curve["clear"], note=curve["reason"])
+        log(f"num_experts: auto -> N = {n} ({curve['reason']})")
     else:
         ne_info["value"] = int(cfg["num_experts"])
     common["num_experts"] = ne_info["value"]
@@ -176,7 +225,8 @@ def run_comparison(cfg: dict, output_dir: str, command: str, log=print) -> dict[
         report.write_results(results, tokd["eval"], output_dir, cfg, final=final)
 
     run_cfg = {"device": device, "batch_size": cfg["batch_size"], "eval_batch_size": cfg["eval_batch_size"],
-               "warmup": cfg["warmup"], "max_grad_norm": cfg["max_grad_norm"], "weight_decay": cfg["weight_decay"]}  # fmt: skip
+               "warmup": cfg["warmup"], "max_grad_norm": cfg["max_grad_norm"], "weight_decay": cfg["weight_decay"], "schedule": cfg["schedule"],
+               "generate": cfg["generate"], "generate_max_new_tokens": cfg["generate_max_new_tokens"], "tokenizer": tok}  # fmt: skip
 
     def one(spec, seed, lr, steps, eval_sets, router):
         s = solved[spec.name]
@@ -192,15 +242,20 @@ def run_comparison(cfg: dict, output_dir: str, command: str, log=print) -> dict[
         if not tokd["val"]:
             raise ConfigError("`lr_sweep` needs validation examples: set `data.val_per_category` >= 1.")
         for spec in specs:
-            res = {}
-            for lr in cfg["lr_sweep"]:
+
+            def score(lr, spec=spec):
                 out = one(spec, cfg["seeds"][0], lr, sweep_steps, {"val": tokd["val"]}, False)
                 vl = out["evals"]["val"]["losses"]
-                res[lr] = sum(vl) / len(vl)
-                log(f"sweep {spec.name} lr={lr:g}: val loss {res[lr]:.4f} ({out['s_per_step']:.2f} s/step)")
-            chosen[spec.name] = min(res, key=lambda k: (res[k] if res[k] == res[k] else float("inf")))
-            results["lr_sweep"][spec.name] = {"val_loss": {f"{k:g}": v for k, v in res.items()},
-                                              "chosen": chosen[spec.name], "steps": sweep_steps}  # fmt: skip
+                v = sum(vl) / len(vl)
+                log(f"sweep {spec.name} lr={lr:g}: val loss {v:.4f} ({out['s_per_step']:.2f} s/step)")
+                return v
+
+            sw = sweep_learning_rate(score, cfg["lr_sweep"], cfg["lr_extend_factor"], cfg["lr_extend"], log=log)
+            chosen[spec.name] = sw["chosen"]
+            results["lr_sweep"][spec.name] = {**sw, "steps": sweep_steps}
+            if sw["at_edge"]:
+                log(f"WARNING: {spec.name}'s best rate {sw['chosen']:g} is still at the {sw['at_edge']} edge of its "
+                    f"grid {[f'{x:g}' for x in sw['grid']]} (lr_extend: {cfg['lr_extend']})")  # fmt: skip
     else:
         lr0 = cfg["lr_sweep"][0] if cfg["lr_sweep"] else cfg["lr"]
         chosen = {spec.name: lr0 for spec in specs}
@@ -216,5 +271,7 @@ def run_comparison(cfg: dict, output_dir: str, command: str, log=print) -> dict[
                 f"{rec['s_per_step']:.2f} s/step, {rec['trainable_params']:,} params")  # fmt: skip
             write()
     write(final=True)
+    log("")
+    log("\n".join(report.summary_lines(results)))
     log(f"wrote {output_dir}/results.md, results.json and plots (wall {results['wall_s']:.0f}s)")
     return results

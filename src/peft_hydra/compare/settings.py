@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 from typing import Any
 
@@ -33,11 +34,18 @@ DEFAULTS: dict[str, Any] = {
     "lr": 1e-3,  # used when lr_sweep is empty
     "lr_sweep": [],
     "sweep_steps": None,  # default: `steps`
+    "lr_extend": 3,  # a chosen rate at an edge of lr_sweep: add up to this many rates on that side (0: never)
+    "lr_extend_factor": 3.0,  # each added rate is the edge rate x (or /) this factor
+    "num_experts_fallback": 3,  # num_experts: auto without a clear elbow (paper's range 2-4)
+    "generate": False,  # also score short-answer sources by greedy generation with a stop rule (full forward, slow)
+    "generate_max_new_tokens": 24,
     "warmup": 0.1,
+    "schedule": "linear",  # after warmup: linear or cosine decay to 0
     "max_grad_norm": 1.0,
     "weight_decay": 0.0,
     "bootstrap": 2000,
     "router_plot": True,
+    "analysis": None,  # `peft-hydra analyze` options: {groups, inits, steps, lr, seed} (see compare/analyze.py)
 }
 DATA_DEFAULTS = {
     "train_per_category": 100, "val_per_category": 10, "eval_per_category": 20, "max_length": 128,
@@ -50,8 +58,13 @@ class ConfigError(ValueError):
 
 
 def load_config(path: str, overrides: dict | None = None) -> dict[str, Any]:
+    """Read, validate and complete a config. Relative data paths (``data.sources[].path``, a local ``dataset``
+    folder) are resolved against the folder of the config file, not the working directory."""
     if not os.path.exists(path):
-        raise ConfigError(f"Config file {path!r} does not exist (see configs/smoke.yaml, default.yaml, full.yaml).")
+        raise ConfigError(
+            f"Config file {path!r} does not exist (resolved: {os.path.abspath(path)}); see configs/smoke.yaml, "
+            "default.yaml, full.yaml."
+        )
     with open(path, encoding="utf-8") as f:
         raw = yaml.safe_load(f) or {}
     if not isinstance(raw, dict):
@@ -59,16 +72,39 @@ def load_config(path: str, overrides: dict | None = None) -> dict[str, Any]:
     raw.update(overrides or {})
     cfg = normalize(raw)
     cfg["name"] = cfg["name"] or os.path.splitext(os.path.basename(path))[0]
+    resolve_paths(cfg, os.path.dirname(os.path.abspath(path)))
     return cfg
 
 
+def resolve_paths(cfg: dict, base_dir: str) -> None:
+    """Make relative ``path`` (and existing local ``dataset`` folders) of data sources absolute against base_dir."""
+    for src in cfg["data"]["sources"]:
+        if not isinstance(src, dict):
+            continue
+        if isinstance(src.get("path"), str) and not os.path.isabs(os.path.expanduser(src["path"])):
+            src["path"] = os.path.normpath(os.path.join(base_dir, src["path"]))
+        ds = src.get("dataset")
+        if isinstance(ds, str) and not os.path.isabs(ds) and os.path.isdir(os.path.join(base_dir, ds)):
+            src["dataset"] = os.path.normpath(os.path.join(base_dir, ds))
+
+
+def unknown_keys(given, allowed, what: str) -> None:
+    """Raise one error naming every unknown key (with the nearest allowed name when it looks like a typo)."""
+    unknown = sorted(set(given) - set(allowed), key=str)
+    if not unknown:
+        return
+    parts = []
+    for k in unknown:
+        close = difflib.get_close_matches(str(k), [str(a) for a in allowed], n=1, cutoff=0.6)
+        parts.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise ConfigError(f"Unknown {what} {', '.join(parts)}; allowed: {sorted(allowed)}.")
+
+
 def normalize(raw: dict) -> dict[str, Any]:
+    unknown_keys(raw, set(REQUIRED) | set(DEFAULTS), "config field(s)")  # typos first: `stpes` before "missing steps"
     missing = [k for k in REQUIRED if k not in raw]
     if missing:
         raise ConfigError(f"The config is missing required field(s) {missing} (required: {list(REQUIRED)}).")
-    unknown = sorted(set(raw) - set(REQUIRED) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"Unknown config field(s) {unknown}; allowed: {sorted(set(REQUIRED) | set(DEFAULTS))}.")
     cfg = {**copy.deepcopy(DEFAULTS), **copy.deepcopy(raw)}
     model = cfg["model"]
     cfg["model"] = {"name": model} if isinstance(model, str) else dict(model)
@@ -77,9 +113,7 @@ def normalize(raw: dict) -> dict[str, Any]:
     data = cfg["data"]
     if not isinstance(data, dict) or not data.get("sources"):
         raise ConfigError("`data` must be a mapping with `sources` (e.g. [bbh27, dolly8, gsm8k] or {path: ...}).")
-    unknown = sorted(set(data) - set(DATA_DEFAULTS) - {"sources"})
-    if unknown:
-        raise ConfigError(f"Unknown data field(s) {unknown}; allowed: sources, {', '.join(DATA_DEFAULTS)}.")
+    unknown_keys(data, set(DATA_DEFAULTS) | {"sources"}, "data field(s)")
     cfg["data"] = {**DATA_DEFAULTS, **data}
     if not isinstance(cfg["methods"], list) or not cfg["methods"]:
         raise ConfigError(f"`methods` must be a non-empty list; known methods: {sorted(METHODS)}.")
@@ -100,9 +134,25 @@ def normalize(raw: dict) -> dict[str, Any]:
         raise ConfigError(f"`num_experts` must be an integer >= 1 or 'auto', got {ne!r}.")
     if not isinstance(cfg["seeds"], list) or not cfg["seeds"] or not all(isinstance(s, int) for s in cfg["seeds"]):
         raise ConfigError(f"`seeds` must be a non-empty list of integers, got {cfg['seeds']!r}.")
-    for key in ("lr",):
+    for key in ("lr", "lr_extend_factor"):
         cfg[key] = float(cfg[key])
-    cfg["lr_sweep"] = [float(x) for x in (cfg["lr_sweep"] or [])]
+    cfg["lr_sweep"] = sorted({float(x) for x in (cfg["lr_sweep"] or [])})
+    if any(x <= 0 for x in cfg["lr_sweep"]) or cfg["lr"] <= 0:
+        raise ConfigError(f"Learning rates must be > 0, got lr={cfg['lr']} and lr_sweep={cfg['lr_sweep']}.")
+    if not isinstance(cfg["lr_extend"], int) or cfg["lr_extend"] < 0:
+        raise ConfigError(f"`lr_extend` must be an integer >= 0 (0: never extend the grid), got {cfg['lr_extend']!r}.")
+    if cfg["lr_extend_factor"] <= 1:
+        raise ConfigError(f"`lr_extend_factor` must be > 1, got {cfg['lr_extend_factor']}.")
+    nf = cfg["num_experts_fallback"]
+    if not isinstance(nf, int) or nf < 1:
+        raise ConfigError(f"`num_experts_fallback` must be an integer >= 1, got {nf!r}.")
+    for key in ("num_experts_k_max", "generate_max_new_tokens"):
+        if not isinstance(cfg[key], int) or cfg[key] < (3 if key == "num_experts_k_max" else 1):
+            raise ConfigError(f"`{key}` must be an integer >= {3 if key == 'num_experts_k_max' else 1}, got {cfg[key]!r}.")
+    if cfg["schedule"] not in ("linear", "cosine"):
+        raise ConfigError(f"`schedule` must be linear or cosine, got {cfg['schedule']!r}.")
+    if not isinstance(cfg["generate"], bool):
+        raise ConfigError(f"`generate` must be true or false, got {cfg['generate']!r}.")
     tl = cfg["top_layers"]
     if tl is not None and (not isinstance(tl, int) or tl < 1):
         raise ConfigError(f"`top_layers` must be null (all layers) or an integer >= 1, got {tl!r}.")

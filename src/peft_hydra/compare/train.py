@@ -210,6 +210,19 @@ class PeakRSS:
 
 
 # ------------------------------------------------------------------------------------------- one run
+def lr_factor_fn(steps: int, warm: int, schedule: str = "linear"):
+    """Multiplier of the learning rate at step s: linear warmup over ``warm`` steps, then linear or cosine decay to 0."""
+
+    def f(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        progress = min(1.0, (s - warm) / max(1, steps - warm))
+        return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1.0 - progress)
+
+    return f
+
+
+
 def make_trainable(model, spec, peft_config, common):
     """Wrap ``model`` (a private copy of the base model) with the method's adapter (or unfreeze it for 'full')."""
     import peft
@@ -240,8 +253,9 @@ def check_only_top_adapted(model, first_top_layer: int) -> None:
 
 
 def train_run(base, spec, peft_config, common, train, eval_sets, cache, first_top_layer, run_cfg, seed, lr,
-              desc, router_by_category=False):  # fmt: skip
-    """Train one (method, seed, lr) and evaluate. Returns the run's record (see report.py for the fields)."""
+              desc, router_by_category=False, extract=None):  # fmt: skip
+    """Train one (method, seed, lr) and evaluate. Returns the run's record (see report.py for the fields).
+    ``extract(wrapper)``, when given, is called on the trained model and its value returned as ``"extracted"``."""
     from tqdm.auto import tqdm
 
     device = run_cfg["device"]
@@ -257,9 +271,7 @@ def train_run(base, spec, peft_config, common, train, eval_sets, cache, first_to
         n_trainable = sum(p.numel() for p in params)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=float(run_cfg.get("weight_decay", 0.0)))
         warm = max(1, int(float(run_cfg.get("warmup", 0.1)) * steps))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
-        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor_fn(steps, warm, run_cfg.get("schedule", "linear")))
         g = torch.Generator().manual_seed(seed)
         order: list[int] = []
         curve = []
@@ -290,8 +302,12 @@ def train_run(base, spec, peft_config, common, train, eval_sets, cache, first_to
         inner.eval()
         evals = {name: evaluate(wrapper, inner, spec, exs, cache, first_top_layer, run_cfg, router_by_category)
                  for name, exs in eval_sets.items()}  # fmt: skip
+        if run_cfg.get("generate") and "eval" in evals:
+            evals["eval"]["generated_correct"] = generate_and_score(inner, eval_sets["eval"], run_cfg)
+        extracted = extract(wrapper) if extract is not None else None
     del wrapper, inner, opt, model_copy
     return {
+        "extracted": extracted,
         "trainable_params": n_trainable,
         "train_s": train_s,
         "s_per_step": train_s / max(1, steps),
@@ -328,6 +344,44 @@ def evaluate(wrapper, inner, spec, examples, cache, first_top_layer, run_cfg, ro
     out = {"losses": losses, "exact": exact}
     if routed:
         out["router"] = router
+    return out
+
+
+@torch.no_grad()
+def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_id, decode, done) -> str:
+    """Greedy decoding (full forward with a KV cache) until EOS, ``done(text)`` or ``max_new_tokens``."""
+    device = next(model.parameters()).device
+    cur = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    past, out_ids = None, []
+    for _ in range(max_new_tokens):
+        out = model(input_ids=cur, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        nxt = int(out.logits[0, -1].argmax())
+        if eos_id is not None and nxt == eos_id:
+            break
+        out_ids.append(nxt)
+        if done(decode(out_ids)):
+            break
+        cur = torch.tensor([[nxt]], dtype=torch.long, device=device)
+    return decode(out_ids)
+
+
+def generate_and_score(inner, examples, run_cfg) -> list:
+    """Per example: True/False (greedy generation scored by its source's rule, see data.generation_rule) or None."""
+    from . import data as D
+
+    tok = run_cfg["tokenizer"]
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    out = []
+    for ex in examples:
+        rule = D.generation_rule(ex)
+        if rule is None:
+            out.append(None)
+            continue
+        n = int(run_cfg.get("generate_max_new_tokens", 24)) * (8 if rule == "final_number" else 1)
+        text = greedy_generate(inner, ex["input_ids"][: ex["n_prompt"]], n, tok.eos_token_id, decode,
+                               lambda t, rule=rule: D.generation_done(rule, t))  # fmt: skip
+        out.append(bool(D.generated_correct(rule, text, ex["answer"])))
     return out
 
 
