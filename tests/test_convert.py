@@ -180,6 +180,13 @@ def test_unknown_tensor_is_named(theirs_dir, tmp_path):
         convert_official_checkpoint(theirs_dir, tmp_path / "ours")
 
 
+def test_mllm_variant_is_refused_with_a_reason(theirs_dir, tmp_path):
+    key = "base_model.model.model.layers.0.mlp."
+    rewrite_state(theirs_dir, lambda s: s.update({key + "shared_lora_A_gate": torch.zeros(4, 32)}))
+    with pytest.raises(ValueError, match=r"shared_lora_A_gate.*MLLM-HydraLoRA.*not supported"):
+        convert_official_checkpoint(theirs_dir, tmp_path / "ours")
+
+
 def test_extra_head_and_wrong_shape_are_named(theirs_dir, tmp_path):
     key = "base_model.model.model.layers.0.mlp.gate_proj."
     rewrite_state(theirs_dir, lambda s: s.update({key + "lora_B3.weight": torch.zeros(48, 4)}))
@@ -261,7 +268,8 @@ def test_paper_preset_on_a_model_matches_the_authors_layout(tmp_path):
     save_authors(authors_model(lora_nums=4), tmp_path / "theirs", lora_nums=4)
     converted = convert_official_checkpoint(tmp_path / "theirs", tmp_path / "ours")
     preset = HydraLoraConfig.paper_preset()
-    for field in ("r", "lora_alpha", "lora_dropout", "num_experts", "target_modules", "dropout_per_head", "router_input"):
+    fields = ("r", "lora_alpha", "lora_dropout", "num_experts", "target_modules", "dropout_per_head", "router_input")
+    for field in fields:
         assert getattr(converted, field) == getattr(preset, field), field
 
 

@@ -18,6 +18,10 @@ That is exactly HydraLoRA with ``router_input="x"``, dense softmax gates, ``scal
 to ``(out, N, r)``) and ``hydra_router = lora_route``. :func:`convert_official_checkpoint` writes the result as a
 normal adapter directory that ``peft.PeftModel.from_pretrained`` loads (after ``import peft_hydra``).
 
+Their second code base, ``MLLM-HydraLoRA`` (LLaVA; ``moe.py``), is a different model (one router with a bias per MLP
+block, shared by its three projections, top-1 routing by default) that per-layer HydraLoRA cannot represent: its
+tensors are refused with an error that says so.
+
 Command line: ``peft-hydra convert SRC DST [--base-model NAME] [--overwrite]``.
 """
 
@@ -58,7 +62,8 @@ def _read_config(src: str) -> dict:
     if not os.path.isfile(path):
         hint = ""
         if os.path.isfile(os.path.join(src, "sft_lora_model", "adapter_config.json")):
-            hint = f" The authors' training script saves the adapter in a sub-folder: pass '{os.path.join(src, 'sft_lora_model')}'."
+            nested = os.path.join(src, "sft_lora_model")
+            hint = f" The authors' training script saves the adapter in a sub-folder: pass '{nested}'."
         raise _error(src, f"no adapter_config.json in this folder.{hint}")
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
@@ -84,7 +89,8 @@ def _read_tensors(src: str, adapter_file: Optional[str]) -> tuple[str, dict[str,
     if adapter_file is None:
         found = [name for name in _ADAPTER_FILES if os.path.isfile(os.path.join(src, name))]
         if not found:
-            raise _error(src, f"no adapter weights: expected one of {list(_ADAPTER_FILES)} next to adapter_config.json.")
+            expected = list(_ADAPTER_FILES)
+            raise _error(src, f"no adapter weights: expected one of {expected} next to adapter_config.json.")
         adapter_file = os.path.join(src, found[0])
     elif not os.path.isabs(adapter_file) and not os.path.isfile(adapter_file):
         adapter_file = os.path.join(src, adapter_file)
@@ -96,7 +102,8 @@ def _read_tensors(src: str, adapter_file: Optional[str]) -> tuple[str, dict[str,
         try:
             state = torch.load(adapter_file, map_location="cpu", weights_only=True)
         except Exception as exc:  # pickled non-tensor objects, corrupt file, ...
-            raise _error(src, f"{adapter_file} is not a plain tensor state dict ({type(exc).__name__}: {exc}).") from exc
+            reason = f"{type(exc).__name__}: {exc}"
+            raise _error(src, f"{adapter_file} is not a plain tensor state dict ({reason}).") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise _error(src, f"{adapter_file} does not hold a {{name: tensor}} state dict.")
     return adapter_file, state
@@ -118,12 +125,20 @@ def _group_modules(src: str, state: dict[str, torch.Tensor]) -> dict[str, dict[s
         modern = any(".lora_A." in k and not k.endswith(".lora_A.weight") for k in unknown) or any(
             ".lora_B.weight" in k or ".base_layer" in k for k in unknown
         )
-        hint = (
-            " These look like a current PEFT LoRA checkpoint (lora_A/lora_B, base_layer), not the authors' format."
-            if modern
-            else " The authors' format has per module only lora_A.weight, lora_B<i>.weight and lora_route.weight"
-            " (trained modules_to_save or biases are not supported)."
-        )
+        mllm = any("shared_lora_A" in k or ".moe_" in k for k in unknown)
+        if mllm:
+            hint = (
+                " These are tensors of the authors' MLLM-HydraLoRA (LLaVA, moe.py): one router with a bias per MLP "
+                "block, shared by gate/up/down_proj, and top-1 routing by default; HydraLoRA's per-layer routers "
+                "cannot represent it, so it is not supported."
+            )
+        elif modern:
+            hint = " These look like a current PEFT LoRA checkpoint (lora_A/lora_B, base_layer), not theirs."
+        else:
+            hint = (
+                " The authors' format has per module only lora_A.weight, lora_B<i>.weight and lora_route.weight"
+                " (trained modules_to_save or biases are not supported)."
+            )
         raise _error(src, f"{len(unknown)} unknown tensor(s), e.g. {sorted(unknown)[:5]}.{hint}")
     if not modules:
         raise _error(src, "the adapter file holds no lora_A / lora_B<i> / lora_route tensors.")
@@ -198,7 +213,7 @@ def convert_official_checkpoint(
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise _error(src, f"r must be an integer >= 1, got {r!r}.")
     if config.get("bias", "none") != "none":
-        raise _error(src, f"bias={config['bias']!r}: trained biases are not part of HydraLoRA; only bias='none' converts.")
+        raise _error(src, f"bias={config['bias']!r}: trained biases are not part of HydraLoRA; only 'none' converts.")
     if config.get("enable_lora") is not None:
         raise _error(src, f"enable_lora={config['enable_lora']!r} (their MergedLinear) is not supported.")
     if config.get("modules_to_save"):
