@@ -29,16 +29,16 @@ __all__ = ["Linear4bit", "Linear8bitLt", "dispatch_bnb", "refuse_unsupported_qua
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-#: Root packages of quantized / special linear layers that PEFT's LoRA handles with dedicated classes (or that
+#: Module prefixes of the quantized / special linear layers that PEFT's LoRA handles with dedicated classes (or that
 #: replace the matmul) and HydraLoRA does not: wrapping them as a plain ``Linear`` would be wrong.
-_UNSUPPORTED_PACKAGES = {
+_UNSUPPORTED_MODULES = {
     "hqq": "HQQ",
     "gptqmodel": "GPTQ/AWQ (gptqmodel)",
     "auto_gptq": "GPTQ (auto-gptq)",
     "awq": "AWQ (autoawq)",
     "eetq": "EETQ",
     "aqlm": "AQLM",
-    "optimum": "optimum-quanto",
+    "optimum.quanto": "optimum-quanto",
     "torchao": "torchao",
     "neural_compressor": "Intel Neural Compressor",
     "transformer_engine": "Transformer Engine",
@@ -47,6 +47,8 @@ _UNSUPPORTED_PACKAGES = {
     "fp_quant": "FP-Quant",
     "vptq": "VPTQ",
     "spqr_quant": "SpQR",
+    "bitsandbytes": "bitsandbytes, not Linear8bitLt / Linear4bit",
+    "transformers.integrations": "a transformers quantization integration",
 }
 
 _QUANTIZED_ATTRS = ("qweight", "W_q", "qzeros", "weight_packed", "codes")
@@ -55,13 +57,10 @@ _QUANTIZED_ATTRS = ("qweight", "W_q", "qzeros", "weight_packed", "codes")
 def _quantization_kind(module: nn.Module) -> Optional[str]:
     """A short name of the quantization scheme of ``module`` when it is a quantized (or otherwise special) layer
     HydraLoRA cannot wrap as a plain ``Linear``; None for an ordinary floating-point layer."""
-    root = type(module).__module__.split(".")[0]
-    if root in _UNSUPPORTED_PACKAGES:
-        return _UNSUPPORTED_PACKAGES[root]
-    if root == "bitsandbytes":
-        return "bitsandbytes"
-    if root == "transformers" and "integrations" in type(module).__module__:
-        return "transformers quantization integration"
+    module_name = type(module).__module__
+    for prefix, kind in _UNSUPPORTED_MODULES.items():
+        if module_name == prefix or module_name.startswith(prefix + "."):
+            return kind
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor):
         if type(weight) not in (torch.Tensor, nn.Parameter) and not _is_dtensor(weight):
@@ -89,16 +88,17 @@ def refuse_unsupported_quantized(module: nn.Module) -> None:
     if kind is None:
         return
     raise TypeError(
-        f"HydraLoRA cannot adapt {type(module).__module__}.{type(module).__qualname__} ({kind}): the supported "
-        "quantized base layers are bitsandbytes Linear8bitLt and Linear4bit (load the model with "
-        "transformers.BitsAndBytesConfig(load_in_8bit=True) or (load_in_4bit=True)). Load the base model in "
-        "bitsandbytes or unquantized, or leave this module out of target_modules (exclude_modules)."
+        f"HydraLoRA cannot adapt {type(module).__module__}.{type(module).__qualname__} ({kind}): such a layer "
+        "needs its own adapter class (wrapped as a plain Linear its merge and export would be wrong), and HydraLoRA "
+        "has one only for bitsandbytes Linear8bitLt and Linear4bit (transformers.BitsAndBytesConfig("
+        "load_in_8bit=True) or (load_in_4bit=True)). Load the base model with bitsandbytes or unquantized, or leave "
+        "this module out of target_modules (exclude_modules)."
     )
 
 
 def dispatch_bnb(target: nn.Module, adapter_name: str, config: HydraLoraConfig, **kwargs) -> Optional[nn.Module]:
-    """The HydraLoRA layer for a bitsandbytes base layer, None when ``target`` is not a bitsandbytes layer; a
-    TypeError for a bitsandbytes layer other than ``Linear8bitLt`` / ``Linear4bit``."""
+    """The HydraLoRA layer for a bitsandbytes ``Linear8bitLt`` / ``Linear4bit`` base layer; None for anything else
+    (other bitsandbytes modules are then refused by :func:`refuse_unsupported_quantized`)."""
     bnb = sys.modules.get("bitsandbytes")
     if bnb is None:
         return None
