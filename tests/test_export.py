@@ -87,7 +87,17 @@ def test_export_measured_per_layer_gates(tiny_llama, input_ids, tmp_path):
     for g in mean_gates.values():
         assert len(g) == 3 and abs(sum(g) - 1) < 1e-5
     assert len({tuple(round(x, 4) for x in g) for g in mean_gates.values()}) > 1  # per layer, not one vector
-    assert model.base_model.router_stats()["mean_gate"] is None  # statistics were reset afterwards
+    assert model.base_model.router_stats()["mean_gate"] is None  # nothing collected before: nothing after
+    assert not model.base_model.router_stats_enabled
+
+    # A caller that was collecting keeps its statistics and its collection on.
+    tuner = model.base_model
+    tuner.reset_router_stats()
+    with torch.no_grad():
+        model(input_ids)
+    before = tuner.router_stats()
+    assert measure_mean_gates(model, batches) == mean_gates
+    assert tuner.router_stats_enabled and tuner.router_stats() == before
 
     export_lora(model, str(tmp_path), gates=mean_gates)
     lora = _load_lora(tiny_llama, str(tmp_path))
@@ -153,7 +163,8 @@ def test_exported_adapter_loads_with_peft_alone(tiny_llama, input_ids, tmp_path)
         print("OK", type(model.peft_config["default"]).__name__)
         """
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # PEFT_HYDRA_AUTOLOAD=0: the start-up hook of an installed peft-hydra must not import it behind our back
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PEFT_HYDRA_AUTOLOAD": "0"}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "OK LoraConfig" in out.stdout

@@ -34,26 +34,27 @@ def _tuner(model):
 @torch.no_grad()
 def measure_mean_gates(model, batches: Iterable, adapter_name: Optional[str] = None) -> dict[str, list[float]]:
     """Run ``model`` (eval mode, no grad) on ``batches`` (dicts of model inputs, or input-id tensors) and return the
-    mean gate of every routed layer: ``{layer_name: [N floats]}``, ready for ``export_lora(gates=...)``.
+    mean gate of every routed layer: ``{layer_name: [N floats]}``, ready for ``export_lora(gates=...)`` and
+    ``merge_and_unload(gates=...)``.
 
-    Resets the router statistics before and after; restores the training mode."""
+    Collects router statistics only for these batches (``collect_router_stats``): the statistics and the collection
+    state the model had before are restored afterwards, and so is its training mode."""
     tuner = _tuner(model)
     was_training = model.training
     model.eval()
-    tuner.reset_router_stats()
     try:
-        n = 0
-        for batch in batches:
-            if isinstance(batch, Mapping):
-                model(**{k: v for k, v in batch.items() if k != "labels"})
-            else:
-                model(input_ids=batch)
-            n += 1
-        if n == 0:
-            raise ValueError("measure_mean_gates got no batches: pass a non-empty iterable of model inputs.")
-        stats = tuner.router_stats(adapter_name)
+        with tuner.collect_router_stats():
+            n = 0
+            for batch in batches:
+                if isinstance(batch, Mapping):
+                    model(**{k: v for k, v in batch.items() if k != "labels"})
+                else:
+                    model(input_ids=batch)
+                n += 1
+            if n == 0:
+                raise ValueError("measure_mean_gates got no batches: pass a non-empty iterable of model inputs.")
+            stats = tuner.router_stats(adapter_name)
     finally:
-        tuner.reset_router_stats()
         model.train(was_training)
     if not stats["layers"]:
         raise ValueError("No routed layer saw a token: the adapter has no learned router (use fixed gates).")
