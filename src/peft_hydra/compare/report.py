@@ -160,6 +160,17 @@ def _ci(row) -> str:
     return f"{row['mean_diff']:+.4f} [{row['ci95'][0]:+.4f}, {row['ci95'][1]:+.4f}]"
 
 
+def sweep_edge(sw: dict):
+    """None, "low" or "high": the chosen rate's position at an edge of the rates tried (runs before grid extension
+    have no ``at_edge`` field: it is derived from the rates they tried)."""
+    if "at_edge" in sw:
+        return sw["at_edge"]
+    lrs = sorted(float(x) for x in sw["val_loss"])
+    if len(lrs) < 2 or float(sw["chosen"]) not in (lrs[0], lrs[-1]):
+        return None
+    return "low" if float(sw["chosen"]) == lrs[0] else "high"
+
+
 def caveats(res: dict) -> list[str]:
     """Everything the run itself knows that limits what its numbers say."""
     out = []
@@ -321,7 +332,7 @@ def markdown(res: dict, plots: list[str]) -> str:
         for mth, sw in res["lr_sweep"].items():
             vals = {float(k): v for k, v in sw["val_loss"].items()}
             cells = [("**" + _fmt(vals[x]) + "**") if x == float(sw["chosen"]) else _fmt(vals.get(x)) for x in lrs]
-            flag = f" (at {sw['at_edge']} edge)" if sw.get("at_edge") else ""
+            flag = f" (at {sweep_edge(sw)} edge)" if sweep_edge(sw) else ""
             grid = sw.get("grid") or sorted(vals)
             L.append(f"| {mth} | " + " | ".join(cells) + f" | {float(sw['chosen']):g}{flag} | "
                      f"{', '.join(f'{x:g}' for x in grid)}" + (f" (extended by {', '.join(f'{x:g}' for x in sw['extended'])})"
@@ -534,7 +545,7 @@ def make_plots(res: dict, out: str) -> list[str]:
             xs = sorted(float(x) for x in sw["val_loss"])
             ys = [{float(k): v for k, v in sw["val_loss"].items()}[x] for x in xs]
             yc = [min(v, top) if (v == v and np.isfinite(v)) else top for v in ys]
-            edge = f" (at {sw['at_edge']} edge!)" if sw.get("at_edge") else ""
+            edge = f" (at {sweep_edge(sw)} edge!)" if sweep_edge(sw) else ""
             (line,) = ax.plot(xs, yc, marker="o", ms=4, label=f"{mth}: {float(sw['chosen']):g}{edge}")
             for x, v, c in zip(xs, ys, yc):
                 if c >= top:
