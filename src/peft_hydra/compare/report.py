@@ -619,3 +619,37 @@ def make_plots(res: dict, out: str) -> list[str]:
         plt.close(fig)
         files.append(fname)
     return files
+
+
+def runs_table(dirs: list[str]) -> str:
+    """One markdown table of several comparison folders: protocol, scale, lr grid (extensions, edges), verdicts vs
+    the reference with 95% CIs, wall time (``peft-hydra report --table results/*``)."""
+    rows = []
+    for d in dirs:
+        with open(os.path.join(d, "results.json")) as f:
+            r = json.load(f)
+        c, pv = r["config"], r.get("paired_vs_reference") or {}
+        g0 = sorted(float(x) for x in c["lr_sweep"])
+        tried = {float(x) for sw in r["lr_sweep"].values() for x in sw["val_loss"]}
+        ext = sorted(tried - set(g0))
+        edge = [m for m, sw in r["lr_sweep"].items() if sweep_edge(sw)]
+        lr = (", ".join(f"{x:g}" for x in g0) or f"fixed {c['lr']:g}") + (
+            f" (added: {', '.join(f'{x:g}' for x in ext)})" if ext else "") + (
+            f"; still at an edge: {', '.join(edge)}" if edge else "")  # fmt: skip
+        verdicts = []
+        for m, row in pv.get("all", {}).items():
+            extra = [f"{g}: {pv[g][m]['verdict']} {_ci(pv[g][m])}" for g in pv if g not in ("reference", "all")
+                     and m in pv[g] and pv[g][m]["verdict"] != "no detectable difference"]  # fmt: skip
+            v = "n.d." if row["verdict"] == "no detectable difference" else row["verdict"]
+            verdicts.append(f"`{m}` {v} {_ci(row)}" + (f" ({'; '.join(extra)})" if extra else ""))
+        n = r["data"]["n"]
+        prot = (f"{r['model'].split(' (')[0]}, top {c['top_layers'] or 'all'} layers, {len(c['target_modules'])} "
+                f"modules, alpha {c['alpha_over_r']:g} r, {c['steps']} steps x {c['batch_size']}, seeds "
+                f"{len(c['seeds'])}, N={r['num_experts']['value']}")  # fmt: skip
+        wall = f"{r['wall_s']:.0f} s" + ("" if r.get("finished") else " (UNFINISHED)")
+        rows.append(f"| `{d.rstrip('/')}` | {prot} | {n['train']} / {n['eval']} | {lr} | {'<br>'.join(verdicts)} | "
+                    f"{wall} |")  # fmt: skip
+    ref = "the reference"
+    head = ("| run | protocol | train / eval examples | lr grid | vs " + ref + ": eval loss per token, mean [95% CI] "
+            "(n.d. = no detectable difference) | wall |\n|---|---|---|---|---|---|")
+    return head + "\n" + "\n".join(rows) + "\n"
