@@ -16,6 +16,8 @@ VARIANTS = {
     "fixed_gates": {"fixed_gates": [0.5, 0.3, 0.2]},
     "n1": {"num_experts": 1},
     "dropout": {"lora_dropout": 0.1},
+    "dropout_per_head": {"lora_dropout": 0.1, "dropout_per_head": True},
+    "balance_loss": {"router_aux_loss_coef": 0.1, "top_k": 2},
 }
 
 
@@ -26,10 +28,13 @@ def _model(tiny_llama, **overrides):
     return get_peft_model(tiny_llama(), HydraLoraConfig(**kwargs))
 
 
+@pytest.mark.parametrize("stats", [False, True], ids=["stats_off", "stats_on"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_layer_has_no_graph_breaks(tiny_llama, variant):
+def test_layer_has_no_graph_breaks(tiny_llama, variant, stats):
     torch._dynamo.reset()
     model = _model(tiny_llama, **VARIANTS[variant]).train()
+    if stats:
+        model.base_model.reset_router_stats()
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, HydraLoraLayer)
     x = torch.randn(2, 5, layer.in_features, requires_grad=True)
@@ -88,3 +93,24 @@ def test_generate_with_kv_cache_matches_no_cache(tiny_llama, input_ids, variant)
     assert cached.shape == (2, input_ids.shape[1] + 6)
     assert torch.equal(cached, uncached)
     assert not torch.equal(cached, base)  # the adapter changes what is generated
+
+
+def test_compiled_router_stats_equal_eager(tiny_llama, input_ids):
+    # statistics collection under torch.compile: device-side accumulators mutated in the graph, no graph break
+    torch._dynamo.reset()
+    model = _model(tiny_llama, top_k=2).eval()
+    tuner = model.base_model
+    with torch.no_grad(), tuner.collect_router_stats():
+        model(input_ids=input_ids)
+        model(input_ids=input_ids[:1])
+        eager = tuner.router_stats()
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad(), tuner.collect_router_stats():
+        compiled(input_ids=input_ids)
+        compiled(input_ids=input_ids[:1])
+        got = tuner.router_stats()
+    assert got["layers"].keys() == eager["layers"].keys() and len(got["layers"]) == 2 * 3
+    for name, s in eager["layers"].items():
+        assert got["layers"][name]["tokens"] == s["tokens"] == 3 * input_ids.shape[1]
+        assert got["layers"][name]["mean_gate"] == pytest.approx(s["mean_gate"], abs=1e-6)
+        assert got["layers"][name]["entropy"] == pytest.approx(s["entropy"], abs=1e-6)

@@ -121,6 +121,32 @@ def test_dropout_only_in_training():
     assert not torch.allclose(a, layer(x))
 
 
+@pytest.mark.parametrize("share_a", [True, False])
+def test_dropout_per_head_layer(share_a):
+    model, layer = wrap(r=2, num_experts=3, lora_dropout=0.5, dropout_per_head=True, share_a=share_a)
+    _, shared = wrap(r=2, num_experts=3, lora_dropout=0.5, share_a=share_a)  # same seed: same weights
+    x = torch.randn(6, 10)
+    model.eval()
+    shared.eval()
+    torch.testing.assert_close(layer(x), shared(x))  # eval: no dropout, the same function
+    model.train()
+    shared.train()
+    torch.manual_seed(0)
+    per_head_out = layer(x)
+    torch.manual_seed(0)
+    assert not torch.allclose(per_head_out, shared(x))  # N masks drawn, not one
+    # the per-head path is the functional one with the layer's own dropout (one (T, N, in) mask draw)
+    torch.manual_seed(1)
+    got = layer(x)
+    torch.manual_seed(1)
+    want = layer.get_base_layer()(x) + HF.hydra_delta(
+        x, layer.hydra_A["default"].weight, layer.hydra_B["default"], layer.scaling["default"],
+        router_weight=layer.hydra_router["default"].weight, dropout=layer.hydra_dropout["default"],
+        dropout_per_head=True,
+    )[0]  # fmt: skip
+    torch.testing.assert_close(got, want)
+
+
 def test_router_input_a_router_shape():
     _, layer = wrap(r=3, num_experts=4, router_input="a", share_a=False)
     assert layer.hydra_router["default"].weight.shape == (4, 12)  # N x (N*r)
@@ -131,7 +157,7 @@ def test_router_input_a_router_shape():
 
 def test_bf16_adapter_without_autocast():
     model = TwoLayer().to(torch.bfloat16)
-    config = HydraLoraConfig(target_modules=["proj"], r=2, num_experts=3, init_weights=False)
+    config = HydraLoraConfig(target_modules=["proj"], r=2, num_experts=3, init_weights=False, router_aux_loss_coef=0.1)
     model = get_peft_model(model, config, autocast_adapter_dtype=False)
     layer = model.base_model.model.proj
     assert layer.hydra_B["default"].dtype == torch.bfloat16
@@ -141,16 +167,53 @@ def test_bf16_adapter_without_autocast():
 
 
 def test_router_stats_and_outputs_per_layer():
-    _, layer = wrap(r=2, num_experts=3)
+    _, layer = wrap(r=2, num_experts=3, router_aux_loss_coef=0.1)
     assert layer.router_stats("default") is None and layer.aux_loss("default") is None
     layer(torch.randn(4, 10))
-    layer(torch.randn(2, 3, 10))
+    assert layer.router_stats("default") is None  # collection is off by default
+    assert layer.aux_loss("default").item() >= 1.0 - 1e-6  # kept: router_aux_loss_coef > 0
+    layer.reset_router_stats()  # clears and switches collection on
+    x1, x2 = torch.randn(4, 10), torch.randn(2, 3, 10)
+    layer(x1)
+    layer(x2)
     stats = layer.router_stats("default")
     assert stats["tokens"] == 10 and sum(stats["mean_gate"]) == pytest.approx(1.0)
-    assert layer.aux_loss("default").item() >= 1.0 - 1e-6
+    # the device-side sums equal the plain per-token statistics
+    with torch.no_grad():
+        probs = torch.cat([HF.router_probs(x, layer.hydra_router["default"].weight).reshape(-1, 3) for x in (x1, x2)])
+    torch.testing.assert_close(torch.tensor(stats["mean_gate"]), probs.mean(0), rtol=1e-5, atol=1e-6)
+    assert stats["entropy"] == pytest.approx(float(HF.gate_entropy(probs).mean()), rel=1e-5)
+    layer.stop_router_stats()
+    layer(x1)
+    assert layer.router_stats("default")["tokens"] == 10  # stopped: kept, not counted
     layer.reset_router_stats()
     layer.clear_router_outputs()
     assert layer.router_stats("default") is None and layer.aux_loss("default") is None
+
+
+def test_router_outputs_are_not_kept_without_balance_loss():
+    _, layer = wrap(r=2, num_experts=3, top_k=2)
+    layer(torch.randn(4, 10))
+    assert layer._router_out == {} and layer._router_acc == {} and layer.aux_loss("default") is None
+
+
+def test_stats_off_forward_runs_no_statistics_ops():
+    # the cost of "nothing asked": a forward with collection off and no balance loss runs no entropy/cat/sum ops
+    from torch.profiler import ProfilerActivity, profile
+
+    _, layer = wrap(r=2, num_experts=3)
+    x = torch.randn(4, 10)
+
+    def ops():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            layer(x)
+        return [e.name for e in prof.events() if e.name.startswith("aten::")]
+
+    off = ops()
+    layer.reset_router_stats()
+    on = ops()
+    assert not any(name in off for name in ("aten::special_entr", "aten::cat", "aten::sum"))
+    assert "aten::special_entr" in on and len(on) > len(off)
 
 
 def test_update_layer_rejects_bad_rank():

@@ -354,6 +354,11 @@ def test_router_stats(tiny_llama, input_ids):
     model = get_peft_model(tiny_llama(), hydra(r=4, num_experts=3, init_weights=False, top_k=2))
     tuner = model.base_model
     assert tuner.router_stats()["layers"] == {}
+    assert not tuner.router_stats_enabled
+    logits(model, input_ids)
+    assert tuner.router_stats() == {"layers": {}, "mean_gate": None, "entropy": None}  # off by default
+    tuner.reset_router_stats()
+    assert tuner.router_stats_enabled
     logits(model, input_ids)
     logits(model, input_ids[:1])
     stats = tuner.router_stats()
@@ -364,8 +369,39 @@ def test_router_stats(tiny_llama, input_ids):
         assert s["tokens"] == 3 * input_ids.shape[1]
         assert 0 <= s["entropy"] <= math.log(3) + 1e-6
     assert sum(stats["mean_gate"]) == pytest.approx(1.0, abs=1e-5)
+    tuner.stop_router_stats()
+    logits(model, input_ids)
+    assert tuner.router_stats() == stats  # stopped: kept, no more tokens counted
     tuner.reset_router_stats()
     assert tuner.router_stats()["layers"] == {}
+
+
+def test_collect_router_stats_block_restores_the_previous_state(tiny_llama, input_ids):
+    model = get_peft_model(tiny_llama(), hydra(r=4, num_experts=3, init_weights=False))
+    tuner = model.base_model
+    with tuner.collect_router_stats():  # from "off"
+        logits(model, input_ids)
+        inside = tuner.router_stats()
+        assert {s["tokens"] for s in inside["layers"].values()} == {input_ids.numel()}
+    assert not tuner.router_stats_enabled and tuner.router_stats()["layers"] == {}
+    tuner.reset_router_stats()  # from "on" with statistics: the block neither sees nor changes them
+    logits(model, input_ids[:1])
+    before = tuner.router_stats()
+    with tuner.collect_router_stats():
+        assert tuner.router_stats()["layers"] == {}
+        logits(model, input_ids)
+        assert tuner.router_stats() == inside  # same model, same inputs: same statistics
+    assert tuner.router_stats_enabled and tuner.router_stats() == before
+    logits(model, input_ids[:1])
+    assert {s["tokens"] for s in tuner.router_stats()["layers"].values()} == {2 * input_ids.shape[1]}
+
+
+def test_aux_loss_coefficient_set_after_creation_is_refused(tiny_llama, input_ids):
+    model = get_peft_model(tiny_llama(), hydra(r=4, num_experts=3, init_weights=False))
+    model(input_ids=input_ids)
+    model.peft_config["default"].router_aux_loss_coef = 0.1
+    with pytest.raises(ValueError, match="router_aux_loss_coef .* after the adapter was created"):
+        model.base_model.hydra_aux_loss()
 
 
 def test_deepcopy_and_state_dict_roundtrip(tiny_llama, input_ids):

@@ -66,19 +66,26 @@ def mix_heads(h: torch.Tensor, gates: Optional[torch.Tensor], B: torch.Tensor, s
     r = B.shape[-1]
     if gates is None and B.shape[1] != 1:
         raise ValueError(f"gates are required with {B.shape[1]} heads")
-    h3 = h.unsqueeze(-2) if h.shape[-1] == r else h.unflatten(-1, (-1, r))
-    return _mix(h3, gates, B, scaling)
+    if gates is not None:
+        h = h.unsqueeze(-2) if h.shape[-1] == r else h.unflatten(-1, (-1, r))
+    return _mix(h, gates, B, scaling)
 
 
 def _mix(h: torch.Tensor, gates: Optional[torch.Tensor], B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """The head mix on ``h`` of shape (..., 1, r) (a shared A, broadcast over the heads) or (..., N, r)."""
+    """The head mix on ``h`` of shape (..., 1, r) (a shared A, broadcast over the heads) or (..., N, r); without
+    gates (N == 1, plain LoRA) ``h`` is (..., r)."""
     out_features, n, r = B.shape
-    if gates is None:  # N == 1: plain LoRA
-        return F.linear(h.squeeze(-2) * scaling if scaling != 1.0 else h.squeeze(-2), B.view(out_features, r))
+    if gates is None:
+        return F.linear(h * scaling if scaling != 1.0 else h, B.view(out_features, r))
     g = _as(gates, h.dtype)
     if scaling != 1.0:
         g = g * scaling
-    gated = g.unsqueeze(-1) * h  # (..., N, r)
+    if g.dim() == 2 and h.dim() == 3 and h.shape[1] == 1:
+        # per-token gates on a shared A, (T, N) x (T, 1, r): the outer product as a batched GEMM, whose backward is
+        # two batched GEMMs (a broadcast multiply's backward is two multiplies plus two reductions)
+        gated = torch.bmm(g.unsqueeze(-1), h)
+    else:
+        gated = g.unsqueeze(-1) * h  # (..., N, r)
     return F.linear(gated.flatten(-2), B.view(out_features, n * r))
 
 
@@ -166,7 +173,7 @@ def delta_2d(
             probs = softmax_gates(logits, temperature) if need_probs else None
     else:
         gates = fixed_gates
-    if h.dim() == 2:
+    if h.dim() == 2 and gates is not None:
         h = h.unsqueeze(-2) if shared else h.view(-1, n, r)
     return _mix(h, gates, B, scaling), gates, probs
 

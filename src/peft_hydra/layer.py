@@ -31,6 +31,14 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def _new_accumulator(num_experts: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed router-statistics sums: (2N,) gate and entropy sums, (1,) token count; float64 (exact token counts far
+    beyond fp32's 2**24) except on MPS, which has no float64. The count is not 0-dim: torch.compile (2.13) drops
+    in-place updates of 0-dim tensors held outside the graph."""
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    return torch.zeros(2 * num_experts, dtype=dtype, device=device), torch.zeros(1, dtype=dtype, device=device)
+
+
 class HydraLoraLayer(BaseTunerLayer):
     adapter_layer_names: tuple[str, ...] = ("hydra_A", "hydra_B", "hydra_router")
     other_param_names: tuple[str, ...] = (
@@ -43,6 +51,7 @@ class HydraLoraLayer(BaseTunerLayer):
         "router_input",
         "top_k",
         "router_temperature",
+        "dropout_per_head",
     )
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
@@ -63,9 +72,13 @@ class HydraLoraLayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._merged_gates: dict[str, torch.Tensor] = {}
         self.cast_input_dtype_enabled = True
-        # Router outputs of the last forward (for the balance loss) and running statistics; never saved.
+        self.dropout_per_head: dict[str, bool] = {}
+        # Router outputs of the last forward (kept only for adapters with router_aux_loss_coef > 0, for the balance
+        # loss) and running statistics (only while collection is on: see reset_router_stats); never saved.
         self._router_out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._router_acc: dict[str, list[torch.Tensor]] = {}
+        self._keep_router_out: dict[str, bool] = {}
+        self._collect_stats = False
+        self._router_acc: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.kwargs = kwargs
         self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
 
@@ -89,6 +102,8 @@ class HydraLoraLayer(BaseTunerLayer):
         self.num_experts[adapter_name] = n
         self.router_input[adapter_name] = config.router_input
         self.top_k[adapter_name] = config.top_k
+        self.dropout_per_head[adapter_name] = bool(config.dropout_per_head)
+        self._keep_router_out[adapter_name] = config.has_router and config.router_aux_loss_coef > 0
         self.router_temperature[adapter_name] = float(config.router_temperature)
         self.hydra_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
 
@@ -116,42 +131,47 @@ class HydraLoraLayer(BaseTunerLayer):
                 B.uniform_(-bound, bound)
 
     # ----------------------------------------------------------------------------------------------- forward
-    def _adapter_delta(self, adapter: str, x: torch.Tensor, record: bool = True) -> torch.Tensor:
+    def _adapter_delta(self, adapter: str, x: torch.Tensor, record: bool = True, scaled: bool = True) -> torch.Tensor:
+        """The update ``scaling * sum_i g_i B_i A x`` of ``adapter`` for input ``x`` (..., in) -> (..., out).
+
+        ``record``: keep the router outputs for the balance loss (``router_aux_loss_coef > 0``) and accumulate the
+        router statistics while collection is on. ``scaled=False`` leaves the LoRA scaling to the caller (the
+        forward folds it into its ``add``).
+        """
         A = self.hydra_A[adapter].weight
         x = self._cast_input_dtype(x, A.dtype)
         router = self.hydra_router[adapter].weight if adapter in self.hydra_router else None
-        delta, gates, probs = HF.hydra_delta(
-            x,
+        record = record and router is not None and (self._collect_stats or self._keep_router_out[adapter])
+        delta, gates, probs = HF.delta_2d(
+            x.reshape(-1, x.shape[-1]),
             A,
             self.hydra_B[adapter],
-            self.scaling[adapter],
+            self.scaling[adapter] if scaled else 1.0,
             router_weight=router,
             fixed_gates=self.hydra_gates[adapter] if adapter in self.hydra_gates else None,
             router_input=self.router_input[adapter],
             top_k=self.top_k[adapter],
             temperature=self.router_temperature[adapter],
-            dropout=self.hydra_dropout[adapter],
+            dropout=HF.active_dropout(self.hydra_dropout[adapter]),
+            dropout_per_head=self.dropout_per_head[adapter],
+            need_probs=record,
         )
-        if record and probs is not None:
+        if record:
             self._record_router(adapter, probs, gates)
-        return delta
+        return delta.view(*x.shape[:-1], delta.shape[-1])
 
     def _record_router(self, adapter: str, probs: torch.Tensor, gates: torch.Tensor) -> None:
         if _in_backward():
             return  # gradient checkpointing recomputes this forward inside backward(): it was recorded already
-        self._router_out[adapter] = (probs, gates)
-        if torch.compiler.is_compiling():
-            return  # running statistics are eager-only; the balance loss above works compiled too
-        with torch.no_grad():
-            g = gates.detach().reshape(-1, gates.shape[-1]).float()
-            ent = HF.gate_entropy(probs.detach()).sum().float()
-            acc = self._router_acc.get(adapter)
-            if acc is None:
-                self._router_acc[adapter] = [g.sum(0), ent, g.new_full((), float(g.shape[0]))]
-            else:
-                acc[0] += g.sum(0)
-                acc[1] += ent
-                acc[2] += g.shape[0]
+        if self._keep_router_out[adapter]:
+            self._router_out[adapter] = (probs, gates)
+        if self._collect_stats:
+            with torch.no_grad():  # on the device, no host sync: [sum of gates | sum of entropy terms], tokens
+                acc = self._router_acc.get(adapter)
+                if acc is None:  # an adapter added after the reset
+                    acc = self._router_acc[adapter] = _new_accumulator(gates.shape[-1], gates.device)
+                acc[0].add_(torch.cat([gates, torch.special.entr(probs)], dim=-1).sum(0))
+                acc[1].add_(gates.shape[0])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
@@ -164,10 +184,12 @@ class HydraLoraLayer(BaseTunerLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
-        result_dtype = result.dtype
         for adapter in self.active_adapters:
             if adapter in self.hydra_A:
-                result = result + self._adapter_delta(adapter, x).to(result_dtype)
+                delta = self._adapter_delta(adapter, x, scaled=False)
+                if delta.dtype != result.dtype:
+                    delta = delta.to(result.dtype)
+                result = torch.add(result, delta, alpha=self.scaling[adapter])  # the scaling costs no kernel
         return result
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str], **kwargs: Any):
@@ -248,18 +270,40 @@ class HydraLoraLayer(BaseTunerLayer):
 
     # ---------------------------------------------------------------------------------------- router output
     def router_stats(self, adapter: str) -> Optional[dict[str, Any]]:
-        """Mean gate per head and mean entropy over the tokens seen since the last reset (None: no data)."""
+        """Mean gate per head and mean entropy over the tokens seen while collection was on since the last
+        :meth:`reset_router_stats` (None: nothing collected; collection is off until ``reset_router_stats()``)."""
         acc = self._router_acc.get(adapter)
         if acc is None:
             return None
-        tokens = acc[2].clamp_min(1)
-        return {"mean_gate": (acc[0] / tokens).tolist(), "entropy": float(acc[1] / tokens), "tokens": int(acc[2])}
+        tokens = int(acc[1])  # the only host sync: on read
+        if tokens == 0:
+            return None
+        sums = (acc[0] / tokens).tolist()
+        n = len(sums) // 2
+        return {"mean_gate": sums[:n], "entropy": float(sum(sums[n:])), "tokens": tokens}
 
     def reset_router_stats(self) -> None:
+        """Clear the router statistics and switch collection on (off by default: a forward then does no stats work)."""
         self._router_acc.clear()
+        for adapter, router in self.hydra_router.items():  # allocated here, not in a (possibly compiled) forward
+            self._router_acc[adapter] = _new_accumulator(router.weight.shape[0], router.weight.device)
+        self._collect_stats = True
+
+    def stop_router_stats(self) -> None:
+        """Switch statistics collection off; what was collected stays readable with :meth:`router_stats`."""
+        self._collect_stats = False
+
+    def _router_stats_state(self) -> tuple[bool, dict]:
+        return self._collect_stats, dict(self._router_acc)
+
+    def _restore_router_stats_state(self, state: tuple[bool, dict]) -> None:
+        self._collect_stats = state[0]
+        self._router_acc.clear()
+        self._router_acc.update(state[1])
 
     def aux_loss(self, adapter: str) -> Optional[torch.Tensor]:
-        """Balance loss of the last forward for ``adapter`` (None without a router or forward)."""
+        """Balance loss of the last forward for ``adapter`` (None without a router, a forward, or
+        ``router_aux_loss_coef > 0``: the router outputs are only kept when the loss is used)."""
         out = self._router_out.get(adapter)
         if out is None:
             return None
@@ -272,6 +316,7 @@ class HydraLoraLayer(BaseTunerLayer):
         super().delete_adapter(adapter_name)
         self._router_out.pop(adapter_name, None)
         self._router_acc.pop(adapter_name, None)
+        self._keep_router_out.pop(adapter_name, None)
 
 
 class Linear(nn.Module, HydraLoraLayer):
