@@ -203,6 +203,7 @@ def test_config_checks(theirs_dir, tmp_path):
     for change, message in [
         ({"lora_nums": None}, "lora_nums must be an integer"),
         ({"bias": "all"}, "bias='all'"),
+        ({"lora_alpha": None}, "lora_alpha must be a number"),
         ({"use_dora": False}, r"field\(s\) \['use_dora'\]"),
     ]:
         config_path.write_text(json.dumps(authors_config(**change)))

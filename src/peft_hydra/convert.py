@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -212,6 +213,9 @@ def convert_official_checkpoint(
         raise _error(src, f"lora_nums must be an integer >= 1, got {n!r}.")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise _error(src, f"r must be an integer >= 1, got {r!r}.")
+    alpha = config.get("lora_alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise _error(src, f"lora_alpha must be a number (their scaling is lora_alpha / r), got {alpha!r}.")
     if config.get("bias", "none") != "none":
         raise _error(src, f"bias={config['bias']!r}: trained biases are not part of HydraLoRA; only 'none' converts.")
     if config.get("enable_lora") is not None:
@@ -237,7 +241,7 @@ def convert_official_checkpoint(
     targets = sorted({module.rsplit(".", 1)[-1] for module in modules})
     hydra_config = HydraLoraConfig(
         r=r,
-        lora_alpha=config.get("lora_alpha") if config.get("lora_alpha") is not None else r,
+        lora_alpha=alpha,
         lora_dropout=float(config.get("lora_dropout") or 0.0),
         num_experts=n,
         target_modules=targets,
