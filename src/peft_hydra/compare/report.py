@@ -202,9 +202,11 @@ def caveats(res: dict) -> list[str]:
             ps = row["per_seed_mean_diff"]
             ci_excl = row["ci95"][0] > 0 or row["ci95"][1] < 0
             mixed = len(ps) > 1 and not (all(x < 0 for x in ps) or all(x > 0 for x in ps))
-            if ci_excl and row["p_holm"] < 0.05 and mixed:
-                out.append(f"`{m}` on {g}: the CI excludes 0 but the seeds disagree in sign "
-                           f"({', '.join(f'{x:+.4f}' for x in ps)}): not called better or worse.")
+            if ci_excl and row["verdict"] == "no detectable difference":
+                why = ([f"the Holm-corrected p is {row['p_holm']:.3g}"] if row["p_holm"] >= 0.05 else []) + (
+                    [f"the seeds disagree in sign ({', '.join(f'{x:+.4f}' for x in ps)})"] if mixed else [])  # fmt: skip
+                out.append(f"`{m}` on {g}: the 95% CI {_ci(row)} excludes 0 but {' and '.join(why)}: not called "
+                           "better or worse.")
     seeds = sorted({r["seed"] for r in res["runs"]})
     if len(seeds) == 1:
         out.append("One seed only: seed-to-seed variation is not measured; the CIs cover the eval examples only.")
