@@ -254,9 +254,9 @@ def test_sweep_extends_the_grid_until_the_best_rate_is_interior():
 
     calls = []
 
-    def score(lr):  # a valley in log(lr) with its minimum at 0.05
+    def score(lr):  # a valley in log(lr) with its minimum at 0.03
         calls.append(lr)
-        return (math.log10(lr) - math.log10(0.05)) ** 2
+        return (math.log10(lr) - math.log10(0.03)) ** 2
 
     sw = sweep_learning_rate(score, [1e-3, 3e-3], factor=3.0, max_extend=5)
     assert sw["extended"] == [0.009, 0.027, 0.081] and sw["chosen"] == 0.027 and sw["at_edge"] is None
@@ -265,8 +265,8 @@ def test_sweep_extends_the_grid_until_the_best_rate_is_interior():
     sw = sweep_learning_rate(score, [1e-3, 3e-3], factor=3.0, max_extend=1)
     assert sw["extended"] == [0.009] and sw["chosen"] == 0.009 and sw["at_edge"] == "high"
     # the low side, and a diverged (NaN) rate is never chosen
-    sw = sweep_learning_rate(lambda lr: float("nan") if lr > 0.5 else (math.log10(lr) + 5) ** 2, [1e-3, 1.0], 10.0, 2)
-    assert sw["extended"] == [1e-4, 1e-5] and sw["chosen"] == 1e-5 and sw["at_edge"] is None
+    sw = sweep_learning_rate(lambda lr: float("nan") if lr > 0.5 else (math.log10(lr) + 5) ** 2, [1e-3, 1.0], 10.0, 3)
+    assert sw["extended"] == [1e-4, 1e-5, 1e-6] and sw["chosen"] == 1e-5 and sw["at_edge"] is None
     assert sweep_learning_rate(score, [1e-3, 3e-3], max_extend=0)["at_edge"] == "high"
 
 
