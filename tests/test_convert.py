@@ -154,6 +154,24 @@ def test_attention_targets_and_bf16_tensors(tmp_path, input_ids):
     torch.testing.assert_close(logits(ours, input_ids), want, rtol=1e-5, atol=1e-5)
 
 
+def test_converted_checkpoint_on_a_4bit_base(tmp_path, input_ids):
+    """Their users' usual next step: the converted adapter on a QLoRA (bitsandbytes 4-bit) base."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from peft_hydra.bnb import Linear4bit
+
+    save_authors(authors_model(), tmp_path / "theirs")
+    convert_official_checkpoint(tmp_path / "theirs", tmp_path / "ours")
+    make_tiny_llama().save_pretrained(tmp_path / "base")
+    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=qc, device_map="cpu")
+    model = PeftModel.from_pretrained(base, tmp_path / "ours")
+    layers = [m for m in model.modules() if isinstance(m, HydraLoraLayer)]
+    assert len(layers) == 3 * 2 and all(type(m) is Linear4bit for m in layers)
+    assert torch.isfinite(logits(model, input_ids)).all()
+
+
 # ----------------------------------------------------------------------------------------------------- errors
 @pytest.fixture
 def theirs_dir(tmp_path):
