@@ -20,6 +20,7 @@ def _register() -> None:
 
 _register()
 
+from .convert import convert_official_checkpoint  # noqa: E402
 from .export import export_lora, measure_mean_gates  # noqa: E402
 from .heads import suggest_num_experts  # noqa: E402  (needs the [compare] extra when called: scikit-learn)
 from .integrations import hydra_compute_loss, prepare_trainer, router_metrics  # noqa: E402
@@ -35,6 +36,7 @@ __all__ = [
     "PEFT_TYPE_NAME",
     "PREFIX",
     "__version__",
+    "convert_official_checkpoint",
     "export_lora",
     "hydra_compute_loss",
     "measure_mean_gates",
