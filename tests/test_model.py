@@ -404,6 +404,25 @@ def test_aux_loss_coefficient_set_after_creation_is_refused(tiny_llama, input_id
         model.base_model.hydra_aux_loss()
 
 
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_batched_aux_loss_equals_mean_of_per_layer_losses(tiny_llama, input_ids, top_k):
+    # q/k/v/o/gate/up/down have different widths but the same token count: one batch; mixed shapes still work
+    model = get_peft_model(tiny_llama(), hydra(r=4, num_experts=3, init_weights=False, top_k=top_k,
+                                               router_aux_loss_coef=0.5))  # fmt: skip
+    model.train()
+    model(input_ids=input_ids)
+    layers = [m for _, m in model.base_model._hydra_layers()]
+    want = 0.5 * torch.stack([m.aux_loss("default") for m in layers]).mean()
+    got = model.base_model.hydra_aux_loss()
+    torch.testing.assert_close(got, want)
+    routers = [p for n, p in model.named_parameters() if ".hydra_router." in n]
+    for g1, g2 in zip(torch.autograd.grad(got, routers, retain_graph=True), torch.autograd.grad(want, routers)):
+        torch.testing.assert_close(g1, g2)
+    layers[0](torch.randn(5, layers[0].in_features))  # one layer's last forward now has another token count
+    want = 0.5 * torch.stack([m.aux_loss("default") for m in layers]).mean()
+    torch.testing.assert_close(model.base_model.hydra_aux_loss(), want)
+
+
 def test_deepcopy_and_state_dict_roundtrip(tiny_llama, input_ids):
     model = get_peft_model(tiny_llama(), hydra(r=4, num_experts=3, init_weights=False))
     clone = copy.deepcopy(model)

@@ -215,13 +215,19 @@ def load_balancing_loss(probs: torch.Tensor, gates: torch.Tensor, top_k: Optiona
     top-k), not differentiable; ``P_i``: the mean router probability of head i, which carries the gradient.
     """
     n = probs.shape[-1]
-    probs = probs.reshape(-1, n)
+    return load_balancing_losses(probs.reshape(-1, n), gates.reshape(-1, n), top_k)
+
+
+def load_balancing_losses(probs: torch.Tensor, gates: torch.Tensor, top_k: Optional[int] = None) -> torch.Tensor:
+    """:func:`load_balancing_loss` of L layers at once: ``probs`` / ``gates`` (L, T, N) -> (L,) (the same ops for
+    every layer, so a model's balance loss costs a handful of kernels, not a handful per layer)."""
+    n = probs.shape[-1]
     if top_k is None or top_k >= n:
         chosen = F.one_hot(probs.argmax(dim=-1), n).to(probs.dtype)
     else:
-        chosen = (gates.reshape(-1, n) > 0).to(probs.dtype) / top_k
-    f = chosen.mean(dim=0)
-    return n * (f.detach() * probs.mean(dim=0)).sum()
+        chosen = (gates > 0).to(probs.dtype) / top_k
+    f = chosen.mean(dim=-2)
+    return n * (f.detach() * probs.mean(dim=-2)).sum(dim=-1)
 
 
 def gate_entropy(probs: torch.Tensor) -> torch.Tensor:

@@ -207,11 +207,25 @@ class HydraLoraModel(BaseTuner):
                 "its layers do not keep the router outputs the balance loss needs. Set router_aux_loss_coef in the "
                 "HydraLoraConfig passed to get_peft_model."
             )
-        losses = [loss for m in layers if (loss := m.aux_loss(adapter_name)) is not None]
-        if coef == 0 or not losses:
+        # the layers' router outputs grouped by shape, each group's losses computed in one batch (same values as
+        # the per-layer HydraLoraLayer.aux_loss, a handful of kernels per group instead of per layer)
+        groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for m in layers:
+            out = m._router_out.get(adapter_name)
+            if out is not None:
+                groups.setdefault((out[0].shape, out[0].device, m.top_k[adapter_name]), []).append(out)
+        if coef == 0 or not groups:
             device = next((p.device for p in self.parameters()), torch.device("cpu"))
             return torch.zeros((), device=device)
-        return coef * torch.stack([loss.float() for loss in losses]).mean()
+        from .functional import load_balancing_losses
+
+        losses = []
+        for (shape, _, top_k), outs in groups.items():
+            n = shape[-1]
+            probs = torch.stack([p.reshape(-1, n) for p, _ in outs])
+            gates = torch.stack([g.reshape(-1, n) for _, g in outs]) if top_k is not None else probs
+            losses.append(load_balancing_losses(probs, gates, top_k).float())
+        return coef * (losses[0] if len(losses) == 1 else torch.cat(losses)).mean()
 
     def router_stats(self, adapter_name: Optional[str] = None) -> dict[str, Any]:
         """Router statistics since the last :meth:`reset_router_stats`: ``{"layers": {name: {"mean_gate": [N],
