@@ -51,6 +51,7 @@ def test_comparison_notebook_runs():
                                         "HF_HUB_OFFLINE": "1"})  # fmt: skip
     text = _outputs(nb)
     assert "finished: True" in text
+    assert "Against `lora`" in text and "- `lily`: " in text  # the run's own summary, Lily included
     assert "eval_loss.png" in text and "routing_hydralora.png" in text
     images = sum("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
     assert images >= 3
