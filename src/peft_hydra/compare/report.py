@@ -428,7 +428,7 @@ def markdown(res: dict, plots: list[str]) -> str:
 VERDICT_COLORS = {"better": "tab:blue", "worse": "tab:red", "no detectable difference": "0.45"}
 
 
-def _short(label: str, n: int = 26) -> str:
+def _short(label: str, n: int = 40) -> str:
     return label if len(label) <= n else label[: n - 1] + "~"
 
 
