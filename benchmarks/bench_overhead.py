@@ -1,6 +1,6 @@
 """Host overhead of a HydraLoRA training step: tiny widths, few tokens, many layers (CPU, 1 thread).
 
-    nice -n 5 .venv/bin/python benchmarks/bench_overhead.py                 # or: make bench-overhead
+    nice -n 5 .venv/bin/python benchmarks/bench_overhead.py
     nice -n 5 .venv/bin/python benchmarks/bench_overhead.py --choices       # also time the design alternatives
     .venv/bin/python benchmarks/bench_overhead.py --quick                   # smoke run
 
@@ -25,9 +25,9 @@ src/peft_hydra/functional.py) against the shipped one, each swapped in for the w
 - ``fused A|router GEMM``: one GEMM over x for A and the router, with a ``torch.cat([A, W_router])`` per forward
   and a ``split`` of the result (the previous implementation);
 - ``3-D linears``: the GEMMs on (batch, seq, in) instead of one flattened (tokens, in) view;
-- ``bmm head mix``: the gates x ``A x`` outer product as a batched GEMM (its backward: two batched GEMMs instead of
-  two multiplies and two reductions) instead of the broadcast multiply (shipped: the same time here, and a
-  pointwise op fuses with its neighbours under torch.compile);
+- ``broadcast-multiply head mix``: the gates x ``A x`` outer product as a broadcast multiply (previous; still used
+  under torch.compile, where it fuses) instead of a batched GEMM (``bmm``, shipped for eager: its backward is two
+  batched GEMMs instead of two multiplies and two reductions);
 - ``top-k renormalise``: top-k as softmax -> topk -> renormalise -> scatter (previous) instead of a softmax over
   the k largest logits (shipped);
 - ``head mix as autograd.Function``: the gates x ``A x`` broadcast and the B GEMM as one custom
@@ -107,11 +107,11 @@ def _alternative(name: str, shipped: Callable) -> Callable:
             probs = HF.softmax_gates(F.linear(x, router_weight), temperature)
             gates = HF.top_k_gates(probs, top_k)
             return HF._mix(h.unsqueeze(-2), gates, B, scaling), gates, probs
-        if name == "bmm head mix" and router_weight is not None and A.shape[0] == r:
+        if name == "broadcast-multiply head mix" and router_weight is not None and A.shape[0] == r:
             h = F.linear(x, A)
             gates = probs = HF.softmax_gates(F.linear(x, router_weight), temperature)
             g = gates * scaling if scaling != 1.0 else gates
-            gated = torch.bmm(g.unsqueeze(-1), h.unsqueeze(-2)).flatten(-2)
+            gated = (g.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)
             return F.linear(gated, B.view(out_features, n * r)), gates, probs
         if name == "head mix as autograd.Function" and router_weight is not None and A.shape[0] == r:
             h = F.linear(x, A)
@@ -195,7 +195,7 @@ def make_methods(args) -> dict[str, tuple[nn.Module, Optional[str], bool]]:
     if args.choices:
         dense = methods["HydraLoRA r=8 N=3"][0]
         top2 = hydra(top_k=2)
-        for choice in ("fused A|router GEMM", "3-D linears", "bmm head mix",
+        for choice in ("fused A|router GEMM", "3-D linears", "broadcast-multiply head mix",
                        "head mix as autograd.Function"):  # fmt: skip
             methods[f"  alt: {choice}"] = (dense, choice, False)
         methods["  alt: top-k renormalise (top-2)"] = (top2, "top-k renormalise", False)
