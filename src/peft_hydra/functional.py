@@ -148,7 +148,7 @@ def delta_2d(
     ``dropout`` is an active dropout module or None (see :func:`active_dropout`). Kept minimal in ops and autograd
     nodes (see benchmarks/bench_overhead.py): 2-D GEMMs (no view/unsafe-view pairs), the router as its own GEMM
     (no per-forward ``cat`` of A and the router), the fp32 cast fused into the softmax, top-k as a softmax over the
-    k largest logits, and the head mix as one broadcast product and one GEMM.
+    k largest logits, and the head mix as one outer product (``bmm`` in eager) and one GEMM.
     """
     out_features, n, r = B.shape
     shared = A.shape[0] == r
