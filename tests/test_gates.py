@@ -72,3 +72,10 @@ def test_per_layer_fixed_gates_in_config_need_every_layer(tiny_llama):
             tiny_llama(),
             HydraLoraConfig(num_experts=2, target_modules=["q_proj"], fixed_gates={"model.layers.1.self_attn.q_proj": [1, 1]}),
         )
+
+
+def test_dropout_per_head_with_router_on_a_x_is_refused_in_the_config():
+    with pytest.raises(ValueError, match="dropout_per_head=True with router_input='a'.*router_input='x'"):
+        HydraLoraConfig(num_experts=2, router_input="a", dropout_per_head=True, lora_dropout=0.1)
+    HydraLoraConfig(num_experts=2, router_input="a", dropout_per_head=True, lora_dropout=0.0)  # no dropout: fine
+    HydraLoraConfig(num_experts=2, router_input="x", dropout_per_head=True, lora_dropout=0.1)

@@ -185,6 +185,12 @@ class HydraLoraConfig(PeftConfig):
                 raise ValueError(
                     "HydraLoraConfig.router_aux_loss_coef > 0 needs a learned router: set it to 0 with fixed_gates."
                 )
+        if self.dropout_per_head and self.router_input == "a" and self.has_router and self.lora_dropout > 0:
+            raise ValueError(
+                "HydraLoraConfig.dropout_per_head=True with router_input='a' and lora_dropout > 0 is ambiguous: every "
+                "head sees its own A dropout_i(x), so there is no single A x for the router. Use router_input='x' (the "
+                "authors' setting, which dropout_per_head reproduces) or dropout_per_head=False."
+            )
         if self.num_experts == 1 and self.router_aux_loss_coef > 0:
             raise ValueError("HydraLoraConfig.router_aux_loss_coef > 0 needs num_experts >= 2 (N=1 has no router).")
         if self.target_parameters is not None:
@@ -211,36 +217,28 @@ class HydraLoraConfig(PeftConfig):
     def paper_preset(cls, **overrides: Any) -> "HydraLoraConfig":
         """The HydraLoRA authors' configuration (github.com/Clin0212/HydraLoRA), every value overridable by keyword.
 
-        ==================== ========================================== ===============================================
-        field                value                                      where it comes from in their repository
-        ==================== ========================================== ===============================================
-        ``target_modules``   ``["gate_proj", "up_proj", "down_proj"]``  ``lora_trainable`` in ``HydraLoRA/fine-tuning.sh``
-                                                                        and ``fine-tuning_dp.sh`` (the MLP only)
-        ``r``                4                                          ``lora_rank=4`` (same scripts)
-        ``lora_alpha``       32 (scaling ``lora_alpha / r`` = 8)        ``lora_alpha=32`` (same scripts);
-                                                                        ``self.scaling = self.lora_alpha / self.r`` in
-                                                                        ``HydraLoRA/peft/tuners/lora.py``
-        ``lora_dropout``     0.05                                       ``lora_dropout=0.05`` (same scripts)
-        ``num_experts``      4                                          ``lora_b_nums=4`` (same scripts, passed as
-                                                                        ``--lora_nums``)
-        ``dropout_per_head`` True                                       ``HydraLoRA/peft/tuners/lora.py``: the forward
-                                                                        loops over the heads and calls
-                                                                        ``self.lora_dropout(x)`` once per head
-        ``router_input``     ``"x"``, no bias, fp32 softmax, dense      ``lora_route = nn.Linear(in_features, lora_nums,
-                                                                        bias=False)`` applied to ``x``, softmax over the
-                                                                        heads in float32 (same file)
-        ``task_type``        ``"CAUSAL_LM"``                            ``TaskType.CAUSAL_LM`` in
-                                                                        ``HydraLoRA/fine-tuning.py``
-        ==================== ========================================== ===============================================
+        Each value and the file of their repository it comes from:
+
+        - ``target_modules=["gate_proj", "up_proj", "down_proj"]`` (the MLP only): ``lora_trainable`` in
+          ``HydraLoRA/fine-tuning.sh`` and ``HydraLoRA/fine-tuning_dp.sh``;
+        - ``r=4``, ``lora_alpha=32``, ``lora_dropout=0.05``: ``lora_rank``, ``lora_alpha``, ``lora_dropout`` in the
+          same scripts; scaling ``lora_alpha / r`` = 8 as ``self.scaling = self.lora_alpha / self.r`` in
+          ``HydraLoRA/peft/tuners/lora.py``;
+        - ``num_experts=4``: ``lora_b_nums=4`` in the same scripts (passed as ``--lora_nums``);
+        - ``dropout_per_head=True``: the forward in ``HydraLoRA/peft/tuners/lora.py`` loops over the heads and calls
+          ``self.lora_dropout(x)`` once per head (a fresh mask per head);
+        - ``router_input="x"``, dense softmax gates: ``lora_route = nn.Linear(in_features, lora_nums, bias=False)``
+          applied to ``x``, softmax over the heads in float32 (same file);
+        - ``task_type="CAUSAL_LM"``: ``TaskType.CAUSAL_LM`` in ``HydraLoRA/fine-tuning.py``.
 
         Initialisation matches theirs with the default ``init_weights=True`` (A Kaiming-uniform, every B zero, the
         router ``nn.Linear``'s default Kaiming-uniform); no balance loss (their ``blc_weight`` only acts with task
         labels, which their script does not pass), so ``router_aux_loss_coef=0``.
 
-        Their training arguments (``HydraLoRA/fine-tuning.sh`` / ``fine-tuning.py``), for ``transformers.TrainingArguments``:
+        Their training arguments (``HydraLoRA/fine-tuning.sh``, ``fine-tuning.py``), for ``TrainingArguments``:
         ``learning_rate=2e-4, lr_scheduler_type="cosine", warmup_ratio=0.03, weight_decay=0, num_train_epochs=1,
         bf16=True, per_device_train_batch_size=1, gradient_accumulation_steps=8`` (times 4 GPUs in
-        ``fine-tuning_dp.sh``), ``max_seq_length=1024, seed=41``.
+        ``fine-tuning_dp.sh``), ``max_seq_length=1024``, ``seed=41``.
 
         Example::
 
