@@ -29,7 +29,7 @@ def _run(out, *extra, nproc=1):
         cmd = [sys.executable, HELPER, str(out), *extra]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-               f"--master_addr=127.0.0.1", f"--master_port={_free_port()}", HELPER, str(out), *extra]  # fmt: skip
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", HELPER, str(out), *extra]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return [torch.load(os.path.join(out, f"result_rank{r}.pt")) for r in range(nproc)]

@@ -13,7 +13,6 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-import peft_hydra
 from peft_hydra import HydraLoraConfig, HydraLoraLayer, export_lora, measure_mean_gates
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Any, Optional
+from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .config import HydraLoraConfig
-from .layer import HydraLoraLayer
+from .layer import Linear
 
 __all__ = ["Linear4bit", "Linear8bitLt", "dispatch_bnb", "refuse_unsupported_quantized"]
 
@@ -115,21 +115,18 @@ def dispatch_bnb(target: nn.Module, adapter_name: str, config: HydraLoraConfig, 
     return cls(target, adapter_name, config, **kwargs)
 
 
-class _BnbLinear(nn.Module, HydraLoraLayer):
-    """Shared part of the bitsandbytes layers: construction, and merge / unmerge via dequantize -> add -> requantize.
-    Subclasses define :meth:`_dequantize` (the base weight as a float tensor) and :meth:`_requantize`."""
+class _BnbLinear(Linear):
+    """Shared part of the bitsandbytes layers: :class:`~peft_hydra.layer.Linear` whose merge / unmerge step
+    dequantizes, adds and re-quantizes. Subclasses define :meth:`_dequantize` (the base weight as a float tensor) and
+    :meth:`_requantize`."""
 
     bits: int = 0
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: HydraLoraConfig, r: int, lora_alpha: float,
                  layer_name: Optional[str] = None, **kwargs) -> None:  # fmt: skip
-        super().__init__()
-        HydraLoraLayer.__init__(self, base_layer, **kwargs)
-        self.fan_in_fan_out = False
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha, config, layer_name=layer_name)
-
-    forward = HydraLoraLayer.forward  # nn.Module comes first in the MRO
+        kwargs.pop("fan_in_fan_out", None)  # a bitsandbytes weight is (out, in)
+        super().__init__(base_layer, adapter_name, config, r, lora_alpha, fan_in_fan_out=False, layer_name=layer_name,
+                         **kwargs)  # fmt: skip
 
     def _dequantize(self) -> torch.Tensor:
         raise NotImplementedError
@@ -137,7 +134,8 @@ class _BnbLinear(nn.Module, HydraLoraLayer):
     def _requantize(self, weight: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def _add_to_base(self, adapter: str, gates: torch.Tensor, sign: float, safe_merge: bool = False) -> None:
+    def _add_delta_to_base(self, adapter: str, gates: torch.Tensor, sign: float, safe_merge: bool = False) -> None:
+        """Dequantize W0, add ``sign * delta`` in fp32, re-quantize (the merge / unmerge step of a quantized base)."""
         warnings.warn(
             f"Merging into a {self.bits}-bit base re-quantizes the weight: outputs can differ slightly from the "
             "unmerged (fixed-gate) model because of rounding."
@@ -148,37 +146,6 @@ class _BnbLinear(nn.Module, HydraLoraLayer):
         if safe_merge and not torch.isfinite(new_weight).all():
             raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
         self._requantize(new_weight.to(dequantized.dtype))
-
-    def merge(
-        self,
-        safe_merge: bool = False,
-        adapter_names: Optional[list[str]] = None,
-        gates: Any = None,
-        layer_name: Optional[str] = None,
-    ) -> None:
-        """Merge ``scaling * sum_i g_i B_i A`` into the quantized W0 (dequantize, add, re-quantize). ``gates`` and
-        ``layer_name`` as in :meth:`HydraLoraLayer.merge`: without ``gates`` only N = 1 or fixed-gate adapters merge; a
-        learned router raises the same error as on an unquantized base."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        for adapter in adapter_names:
-            if adapter not in self.hydra_A:
-                continue
-            g = self._fixed_gates(adapter, gates, layer_name)
-            self._add_to_base(adapter, g, +1.0, safe_merge=safe_merge)
-            self._merged_gates[adapter] = g
-            self.merged_adapters.append(adapter)
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            if adapter in self.hydra_A:
-                self._add_to_base(adapter, self._merged_gates.pop(adapter), -1.0)
-
-    def __repr__(self) -> str:
-        return "hydralora." + super().__repr__()
 
 
 class Linear8bitLt(_BnbLinear):

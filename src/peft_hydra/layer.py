@@ -244,29 +244,31 @@ class HydraLoraLayer(BaseTunerLayer):
         ``gates`` takes every form of :func:`~peft_hydra.config.resolve_gates` (``layer_name`` picks this layer's
         entry of a per-layer mapping)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
-        base = self.get_base_layer()
         for adapter in adapter_names:
             if adapter not in self.hydra_A:
                 continue
             g = self._fixed_gates(adapter, gates, layer_name)
-            delta = self.get_delta_weight(adapter, g)
-            new_weight = base.weight.data + delta.to(base.weight.dtype)
-            if safe_merge and not torch.isfinite(new_weight).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-            base.weight.data = new_weight
+            self._add_delta_to_base(adapter, g, +1.0, safe_merge=safe_merge)
             self._merged_gates[adapter] = g
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
+        """Subtract every merged adapter (with the gates it was merged with) from W0 again."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        base = self.get_base_layer()
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             if adapter in self.hydra_A:
-                g = self._merged_gates.pop(adapter)
-                base.weight.data -= self.get_delta_weight(adapter, g).to(base.weight.dtype)
+                self._add_delta_to_base(adapter, self._merged_gates.pop(adapter), -1.0)
+
+    def _add_delta_to_base(self, adapter: str, gates: torch.Tensor, sign: float, safe_merge: bool = False) -> None:
+        """``W0 += sign * get_delta_weight(adapter, gates)``; quantized layers (``bnb.py``) override this one step."""
+        base = self.get_base_layer()
+        new_weight = base.weight.data + sign * self.get_delta_weight(adapter, gates).to(base.weight.dtype)
+        if safe_merge and not torch.isfinite(new_weight).all():
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+        base.weight.data = new_weight
 
     # ---------------------------------------------------------------------------------------- router output
     def router_stats(self, adapter: str) -> Optional[dict[str, Any]]:

@@ -7,7 +7,7 @@ import math
 import os
 import threading
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
