@@ -79,3 +79,16 @@ def test_dropout_per_head_with_router_on_a_x_is_refused_in_the_config():
         HydraLoraConfig(num_experts=2, router_input="a", dropout_per_head=True, lora_dropout=0.1)
     HydraLoraConfig(num_experts=2, router_input="a", dropout_per_head=True, lora_dropout=0.0)  # no dropout: fine
     HydraLoraConfig(num_experts=2, router_input="x", dropout_per_head=True, lora_dropout=0.1)
+
+
+def test_per_layer_gates_naming_unknown_layers_are_refused(tiny_llama, tmp_path):
+    """A typo in a per-layer mapping is an error everywhere (it was ignored by merge and by the config)."""
+    good = "model.layers.0.self_attn.q_proj"
+    gates = {f"model.layers.{i}.self_attn.q_proj": [1, 1] for i in range(2)} | {"model.layers.0.self_attn.q_prj": [1, 1]}
+    with pytest.raises(ValueError, match=r"fixed_gates` names 1 layer\(s\) the adapter does not have.*q_prj"):
+        get_peft_model(tiny_llama(), HydraLoraConfig(num_experts=2, target_modules=["q_proj"], fixed_gates=gates))
+    model = get_peft_model(tiny_llama(), HydraLoraConfig(r=2, num_experts=2, target_modules=["q_proj"]))
+    for call in (lambda: model.merge_and_unload(gates=gates), lambda: peft_hydra.export_lora(model, str(tmp_path), gates=gates)):
+        with pytest.raises(ValueError, match=r"`gates` names 1 layer\(s\) the adapter does not have.*q_prj"):
+            call()
+    assert good in gates and not any(m.merged for m in model.modules() if isinstance(m, peft_hydra.HydraLoraLayer))

@@ -141,7 +141,7 @@ class _BnbLinear(Linear):
             "unmerged (fixed-gate) model because of rounding."
         )
         dequantized = self._dequantize()
-        delta = self.get_delta_weight(adapter, gates).float().to(dequantized.device)
+        delta = self._delta_weight(adapter, gates).float().to(dequantized.device)
         new_weight = dequantized.float() + sign * delta
         if safe_merge and not torch.isfinite(new_weight).all():
             raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from peft.config import PeftConfig
@@ -267,6 +267,10 @@ GATES_FORMS = (
 )
 
 
+#: The type of every gate argument (see :func:`resolve_gates`).
+GatesArg = Union[None, str, Sequence[float], torch.Tensor, Mapping[str, Sequence[float]]]
+
+
 def gates_error(gates: Any, num_experts: int, what: str = "gates") -> str:
     """The one error text for gates that cannot be used."""
     shown = gates if not isinstance(gates, torch.Tensor) else gates.tolist()
@@ -305,6 +309,17 @@ def resolve_gates(
     if tensor.numel() != num_experts or not torch.isfinite(tensor).all() or (tensor < 0).any() or tensor.sum() <= 0:
         raise ValueError(gates_error(gates, num_experts, what))
     return tensor
+
+
+def check_gate_layers(gates: Any, layer_names, what: str = "gates") -> None:
+    """A per-layer gates mapping must name only layers the adapter has (a typo would otherwise be ignored)."""
+    if isinstance(gates, Mapping):
+        unknown = sorted(set(gates) - set(layer_names))
+        if unknown:
+            raise ValueError(
+                f"`{what}` names {len(unknown)} layer(s) the adapter does not have, e.g. {unknown[:3]}; its layers are "
+                f"e.g. {sorted(layer_names)[:3]}: use the output of peft_hydra.measure_mean_gates on this model."
+            )
 
 
 def no_exact_merge_message(adapter: str, num_experts: int) -> str:

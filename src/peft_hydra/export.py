@@ -18,9 +18,8 @@ from typing import Iterable, Mapping, Optional
 import torch
 
 from . import functional as HF
-from .config import PEFT_TYPE_NAME, PREFIX, resolve_gates
+from .config import PEFT_TYPE_NAME, PREFIX, GatesArg, check_gate_layers, resolve_gates
 from .layer import HydraLoraLayer
-from .model import GatesArg
 
 __all__ = ["export_lora", "measure_mean_gates"]
 
@@ -130,10 +129,7 @@ def export_lora(
         state[f"{prefix}{name}.lora_B.weight"] = lora_B.to(dtype).contiguous()
     if not state:
         raise ValueError(f"Adapter '{adapter}' has no HydraLoRA layer to export.")
-    if isinstance(gates, Mapping):
-        unknown = sorted(set(gates) - used_names)
-        if unknown:
-            raise ValueError(f"`gates` names layers the adapter does not have: {unknown[:3]}.")
+    check_gate_layers(gates, used_names)
 
     # Non-HydraLoRA trainable tensors (modules_to_save) keep PEFT's saved layout.
     for key, value in get_peft_model_state_dict(peft_model, adapter_name=adapter).items():

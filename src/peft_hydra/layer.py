@@ -222,9 +222,13 @@ class HydraLoraLayer(BaseTunerLayer):
             return self.hydra_gates[adapter]
         return resolve_gates(gates, n, layer_name=layer_name).to(B.device)
 
-    def get_delta_weight(self, adapter: str, gates: Optional[Sequence[float] | torch.Tensor] = None) -> torch.Tensor:
-        """``scaling * sum_i g_i B_i A`` in the base weight's layout; exact for N = 1 or fixed gates."""
-        g = self._fixed_gates(adapter, gates)
+    def get_delta_weight(self, adapter: str, gates: Any = None) -> torch.Tensor:
+        """``scaling * sum_i g_i B_i A`` in the base weight's layout; exact for N = 1 or fixed gates. ``gates``: every
+        form of :func:`~peft_hydra.config.resolve_gates` (None: the adapter's own fixed gates)."""
+        return self._delta_weight(adapter, self._fixed_gates(adapter, gates))
+
+    def _delta_weight(self, adapter: str, g: torch.Tensor) -> torch.Tensor:
+        """:meth:`get_delta_weight` for gates already resolved by :meth:`_fixed_gates` (merge, unmerge: no re-parse)."""
         A = self.hydra_A[adapter].weight
         B = self.hydra_B[adapter]
         dtype = B.dtype
@@ -265,7 +269,7 @@ class HydraLoraLayer(BaseTunerLayer):
     def _add_delta_to_base(self, adapter: str, gates: torch.Tensor, sign: float, safe_merge: bool = False) -> None:
         """``W0 += sign * get_delta_weight(adapter, gates)``; quantized layers (``bnb.py``) override this one step."""
         base = self.get_base_layer()
-        new_weight = base.weight.data + sign * self.get_delta_weight(adapter, gates).to(base.weight.dtype)
+        new_weight = base.weight.data + sign * self._delta_weight(adapter, gates).to(base.weight.dtype)
         if safe_merge and not torch.isfinite(new_weight).all():
             raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
         base.weight.data = new_weight

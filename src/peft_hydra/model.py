@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_tuner_state_dict_key_prefixes
@@ -16,14 +16,13 @@ from .config import (
     LLAMA_LIKE_MODEL_TYPES,
     LLAMA_LIKE_TARGET_MODULES,
     PREFIX,
+    GatesArg,
     HydraLoraConfig,
+    check_gate_layers,
     no_exact_merge_message,
 )
 from . import hub
 from .layer import HydraLoraLayer, Linear
-
-#: Every form of fixed gates (see :func:`peft_hydra.config.resolve_gates`).
-GatesArg = Union[None, str, Sequence[float], torch.Tensor, Mapping[str, Sequence[float]]]
 
 TARGET_MODULE_MAPPING = {
     **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
@@ -104,6 +103,11 @@ class HydraLoraModel(BaseTuner):
             "transformers.pytorch_utils.Conv1D. Remove it from target_modules (or use exclude_modules)."
         )
 
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        layers = [n for n, m in model.named_modules() if isinstance(m, HydraLoraLayer) and adapter_name in m.hydra_A]
+        check_gate_layers(self.peft_config[adapter_name].fixed_gates, layers, "HydraLoraConfig.fixed_gates")
+
     def _check_new_adapter_config(self, config: HydraLoraConfig) -> None:
         super()._check_new_adapter_config(config)
         config.validate()
@@ -154,6 +158,7 @@ class HydraLoraModel(BaseTuner):
         self._check_merge_allowed()
         if gates is None:
             self._check_exact_merge(adapter_names)
+        check_gate_layers(gates, [name for name, _ in self._hydra_layers()])
         for name, module in self._hydra_layers():
             module.merge(safe_merge=safe_merge, adapter_names=adapter_names, gates=gates, layer_name=name)
 
