@@ -120,6 +120,8 @@ def test_end_to_end_results_schema(tmp_path, capsys):
     assert main(["report", "--table", str(out), str(out)]) == 0
     table = capsys.readouterr().out
     assert table.count(f"| `{out}` |") == 2 and "`hydralora` " in table and "[" in table
+    row = json.loads((out / "results.json").read_text())["paired_vs_reference"]["all"]["hydralora"]
+    assert f"{row['mean_diff']:+.4f} [{row['ci95'][0]:+.4f}, {row['ci95'][1]:+.4f}]" in table  # the run's own CI
 
 
 def test_plain_path_and_optional_methods(tmp_path):
@@ -288,7 +290,42 @@ def test_analyze_observation_two(tmp_path, capsys):
     assert [info["seed"] for info in diff["groups"].values()] == [0, 1]
     md = (tmp_path / "a" / "analysis.md").read_text()
     assert "## Summary" in md and "A alike, B different" in md
+    assert set(res["verdict"]["holds"]) == {"same", "different"}
+    for init, holds in res["verdict"]["holds"].items():  # the summary states each condition's computed verdict
+        line = next(ln for ln in res["verdict"]["lines"] if ln.startswith(f"init={init}:"))
+        assert line in md and line.endswith("'A alike, B different' " + ("holds" if holds else "does not hold"))
     assert (tmp_path / "a" / "observation2_tsne.png").exists()
     bad = write_cfg(tmp_path, analysis={"groups": {"g1": ["nope"], "g2": ["gsm8k"]}})
     assert main(["analyze", "--config", bad, "--output", str(tmp_path / "b")]) == 2
     assert "categories ['nope'] are not in the training data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "analysis, message",
+    [
+        ("x", "`analysis` must be a mapping"),
+        ({"steps": 0}, "analysis.steps must be null"),
+        ({"lr": 0}, "analysis.lr must be null"),
+        ({"inits": ["same", "same"]}, "each once"),
+        ({"groups": {"g1": ["a"], "g2": []}}, "non-empty list"),
+        ({"groups": {"g1": ["a", "b"], "g2": ["b"]}}, "groups must be disjoint"),
+        ({"stpes": 3}, "Unknown analysis field"),
+    ],
+)
+def test_analysis_options_are_checked(analysis, message):
+    """Bad `analysis:` values are errors (0 used to fall back to the default, overlaps inflated the similarities)."""
+    from peft_hydra.compare.analyze import AnalysisConfigError, analysis_options
+
+    with pytest.raises(AnalysisConfigError, match=message):
+        analysis_options(analysis)
+    assert analysis_options({"steps": 5, "lr": 1e-3})["steps"] == 5
+
+
+def test_generate_without_a_scorable_source_and_bool_lr_extend_are_refused(tmp_path, capsys):
+    cfg = write_cfg(tmp_path, generate=True, methods=["lora"],
+                    data={"sources": [{"name": "dolly8"}], "train_per_category": 2, "val_per_category": 1,
+                          "eval_per_category": 1})  # fmt: skip
+    assert main(["compare", "--config", cfg, "--output", str(tmp_path / "o")]) == 2
+    assert "no eval example can be scored by generation" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="lr_extend"):
+        load_config(write_cfg(tmp_path, lr_extend=True))

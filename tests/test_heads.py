@@ -87,3 +87,10 @@ def test_missing_scikit_learn_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.feature_extraction.text", None)
     with pytest.raises(ImportError, match=r"pip install 'peft-hydra\[compare\]'"):
         peft_hydra.suggest_num_experts(clustered_texts(2))
+
+
+@pytest.mark.parametrize("kwargs", [{"folds": -1}, {"n_init": 0}, {"folds": True}])
+def test_bad_folds_and_restarts_are_refused(kwargs):
+    """folds=-1 used to mean no folds, so agreement defaulted to 1.0 and any elbow was called clear."""
+    with pytest.raises(ValueError, match="must be an integer >="):
+        peft_hydra.suggest_num_experts(["a b", "c d", "e f", "g h"], k_max=3, **kwargs)

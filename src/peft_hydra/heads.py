@@ -117,6 +117,9 @@ def suggest_num_experts(
             f"suggest_num_experts: margin must be in [0, 1), min_agreement in [0, 1] and fold_fraction in (0, 1]; got "
             f"margin={margin}, min_agreement={min_agreement}, fold_fraction={fold_fraction}."
         )
+    for name, value, low in (("folds", folds, 0), ("n_init", n_init, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"suggest_num_experts: {name} must be an integer >= {low}, got {value!r}.")
     if fallback is not None and (not isinstance(fallback, int) or fallback < 1):
         raise ValueError(f"suggest_num_experts: fallback must be None or an integer >= 1, got {fallback!r}.")
     n_distinct = len(set(texts))

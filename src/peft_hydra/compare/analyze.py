@@ -116,6 +116,39 @@ def resolve_groups(spec, train: list[dict]) -> dict[str, list[str]]:
     return groups
 
 
+def analysis_options(raw) -> dict[str, Any]:
+    """The config's ``analysis:`` mapping with its defaults, every value checked (a clear error, nothing ignored)."""
+    if raw is not None and not isinstance(raw, dict):
+        raise AnalysisConfigError(f"`analysis` must be a mapping of {sorted(ANALYSIS_DEFAULTS)}, got {raw!r}.")
+    acfg = {**ANALYSIS_DEFAULTS, **(raw or {})}
+    unknown = sorted(set(acfg) - set(ANALYSIS_DEFAULTS))
+    if unknown:
+        raise AnalysisConfigError(f"Unknown analysis field(s) {unknown}; allowed: {sorted(ANALYSIS_DEFAULTS)}.")
+    inits = acfg["inits"]
+    if not isinstance(inits, list) or not inits or len(set(inits)) != len(inits) or set(inits) - {"same", "different"}:
+        raise AnalysisConfigError(f"analysis.inits must list 'same' and/or 'different', each once, got {inits!r}.")
+    steps, lr, seed = acfg["steps"], acfg["lr"], acfg["seed"]
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise AnalysisConfigError(f"analysis.steps must be null (the config's steps) or an integer >= 1, got {steps!r}.")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+        raise AnalysisConfigError(f"analysis.lr must be null (the middle of lr_sweep) or a number > 0, got {lr!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise AnalysisConfigError(f"analysis.seed must be an integer, got {seed!r}.")
+    groups = acfg["groups"]
+    if isinstance(groups, dict):
+        seen: dict[str, str] = {}
+        for name, cats in groups.items():
+            if not isinstance(cats, list) or not cats:
+                raise AnalysisConfigError(f"analysis.groups[{name!r}] must be a non-empty list of categories, got {cats!r}.")
+            for c in cats:
+                if c in seen:
+                    raise AnalysisConfigError(
+                        f"analysis.groups: category {c!r} is in both {seen[c]!r} and {name!r}; groups must be disjoint."
+                    )
+                seen[c] = name
+    return acfg
+
+
 def run_analysis(cfg: dict, output_dir: str, command: str, log=print) -> dict[str, Any]:
     import peft
 
@@ -124,19 +157,14 @@ def run_analysis(cfg: dict, output_dir: str, command: str, log=print) -> dict[st
     from .train import train_run
 
     t0 = time.time()
-    acfg = {**ANALYSIS_DEFAULTS, **(cfg.get("analysis") or {})}
-    unknown = sorted(set(acfg) - set(ANALYSIS_DEFAULTS))
-    if unknown:
-        raise AnalysisConfigError(f"Unknown analysis field(s) {unknown}; allowed: {sorted(ANALYSIS_DEFAULTS)}.")
-    bad = [i for i in acfg["inits"] if i not in ("same", "different")]
-    if bad or not acfg["inits"]:
-        raise AnalysisConfigError(f"analysis.inits must list 'same' and/or 'different', got {acfg['inits']!r}.")
+    acfg = analysis_options(cfg.get("analysis"))
     os.makedirs(output_dir, exist_ok=True)
     P = prepare(cfg, log)
     train = P["tokd"]["train"]
     groups = resolve_groups(acfg["groups"], train)
-    steps = int(acfg["steps"] or cfg["steps"])
-    lr = float(acfg["lr"] or (cfg["lr_sweep"][len(cfg["lr_sweep"]) // 2] if cfg["lr_sweep"] else cfg["lr"]))
+    steps = int(cfg["steps"] if acfg["steps"] is None else acfg["steps"])
+    default_lr = cfg["lr_sweep"][len(cfg["lr_sweep"]) // 2] if cfg["lr_sweep"] else cfg["lr"]
+    lr = float(default_lr if acfg["lr"] is None else acfg["lr"])
     r = int(cfg["r"])
     common = P["common"]
     pc = peft.LoraConfig(r=r, lora_alpha=float(cfg["alpha_over_r"]) * r, target_modules=common["target_modules"],
@@ -181,7 +209,7 @@ def run_analysis(cfg: dict, output_dir: str, command: str, log=print) -> dict[st
             "metrics": {k: _summ(v) for k, v in pm.items()},
             "random_baseline": {k: _summ(v) for k, v in rb.items()},
             "init": moved,
-            "per_module": {k: v for k, v in pm.items()},
+            "per_module": pm,
         }
         trained[init] = mats
     results["verdict"] = verdict(results)

@@ -180,8 +180,8 @@ def caveats(res: dict) -> list[str]:
     for m, sw in (res.get("lr_sweep") or {}).items():
         lrs = sorted(float(x) for x in sw["val_loss"])
         grid = ", ".join(f"{x:g}" for x in sw.get("grid", lrs))
-        if "at_edge" not in sw and len(lrs) > 1 and float(sw["chosen"]) in (lrs[0], lrs[-1]):  # a run before extension
-            side = "low" if float(sw["chosen"]) == lrs[0] else "high"
+        side = sweep_edge(sw)
+        if "at_edge" not in sw and side:  # a run before grid extension
             out.append(f"`{m}`: its chosen rate {float(sw['chosen']):g} is at the {side} edge of its grid [{grid}] "
                        "(this run predates grid extension): a better rate may lie beyond.")
         elif sw.get("all_diverged"):
@@ -232,8 +232,7 @@ def summary_lines(res: dict) -> list[str]:
         for m, row in pv.get("all", {}).items():
             extra = [f"{pv[g][m]['verdict']} on {g} {_ci(pv[g][m])}" for g in groups
                      if m in pv[g] and pv[g][m]["verdict"] != "no detectable difference"]  # fmt: skip
-            verdict = row["verdict"] if row["verdict"] != "no detectable difference" else "no detectable difference"
-            L.append(f"- `{m}`: {verdict} overall {_ci(row)}" + (f"; {'; '.join(extra)}" if extra else ""))
+            L.append(f"- `{m}`: {row['verdict']} overall {_ci(row)}" + (f"; {'; '.join(extra)}" if extra else ""))
     cav = caveats(res)
     if cav:
         L.append("")

@@ -129,6 +129,11 @@ def prepare(cfg: dict, log=print) -> dict[str, Any]:
         p.requires_grad_(False)
     dcfg = cfg["data"]
     splits = D.build_splits(dcfg, seed=int(dcfg["seed"]))
+    if cfg.get("generate") and not any(D.generation_rule(ex) for ex in splits["eval"]):
+        raise ConfigError(
+            "`generate: true` but no eval example can be scored by generation (only gsm8k and sources with "
+            "`short_answer: true` have a stop rule): set `short_answer: true` on a source or `generate: false`."
+        )
     tokd = {s: D.tokenize(exs, tok, int(dcfg["max_length"]), int(dcfg["max_answer_tokens"])) for s, exs in splits.items()}
     all_ex = tokd["train"] + tokd["val"] + tokd["eval"]
     for i, ex in enumerate(all_ex):

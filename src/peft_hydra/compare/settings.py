@@ -139,7 +139,7 @@ def normalize(raw: dict) -> dict[str, Any]:
     cfg["lr_sweep"] = sorted({float(x) for x in (cfg["lr_sweep"] or [])})
     if any(x <= 0 for x in cfg["lr_sweep"]) or cfg["lr"] <= 0:
         raise ConfigError(f"Learning rates must be > 0, got lr={cfg['lr']} and lr_sweep={cfg['lr_sweep']}.")
-    if not isinstance(cfg["lr_extend"], int) or cfg["lr_extend"] < 0:
+    if isinstance(cfg["lr_extend"], bool) or not isinstance(cfg["lr_extend"], int) or cfg["lr_extend"] < 0:
         raise ConfigError(f"`lr_extend` must be an integer >= 0 (0: never extend the grid), got {cfg['lr_extend']!r}.")
     if cfg["lr_extend_factor"] <= 1:
         raise ConfigError(f"`lr_extend_factor` must be > 1, got {cfg['lr_extend_factor']}.")
