@@ -60,59 +60,38 @@ def main(argv=None) -> int:
                 print(f"{d}:\n" + "\n".join(summary_lines(json.load(f))))
             print("rewrote " + ", ".join(files))
         return 0
+    if args.cmd == "analyze":
+        from .analyze import run_analysis
+
+        return _run_config(args, argv, {}, run_analysis, "_analysis")
+    overrides = {key: getattr(args, key) for key in ("steps", "seeds", "methods") if getattr(args, key) is not None}
+    from .run import run_comparison
+
+    return _run_config(args, argv, overrides, run_comparison, "")
+
+
+def _run_config(args, argv, overrides: dict, run, suffix: str) -> int:
+    """Load the config (with ``overrides``), run ``run(cfg, output, command, log)``, map errors to exit codes: 2 for
+    a bad config or data, 3 for a model that cannot be loaded."""
     from .settings import ConfigError, load_config
     from .train import ModelUnavailable
 
-    if args.cmd == "analyze":
-        return _analyze(args, argv)
-    overrides = {}
-    if args.steps is not None:
-        overrides["steps"] = args.steps
-    if args.seeds is not None:
-        overrides["seeds"] = args.seeds
-    if args.methods is not None:
-        overrides["methods"] = args.methods
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
-        print(f"peft-hydra compare: bad config: {e}", file=sys.stderr)
+        print(f"peft-hydra {args.cmd}: bad config: {e}", file=sys.stderr)
         return 2
-    output = args.output or os.path.join("runs", cfg["name"])
-    command = "peft-hydra " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    from .run import run_comparison
-
-    try:
-        run_comparison(cfg, output, command, log=lambda s: print(s, file=sys.stderr, flush=True))
-    except ModelUnavailable as e:
-        print(f"peft-hydra compare: the model cannot be loaded.\n{e}", file=sys.stderr)
-        return 3
-    except ValueError as e:  # config problems found while building data / budgets
-        print(f"peft-hydra compare: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _analyze(args, argv) -> int:
-    from .analyze import run_analysis
-    from .settings import ConfigError, load_config
-    from .train import ModelUnavailable
-
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        print(f"peft-hydra analyze: bad config: {e}", file=sys.stderr)
-        return 2
-    if args.steps is not None:
+    if args.cmd == "analyze" and args.steps is not None:  # checked with the other analysis options by the run
         cfg["analysis"] = {**(cfg.get("analysis") or {}), "steps": args.steps}
-    output = args.output or os.path.join("runs", cfg["name"] + "_analysis")
+    output = args.output or os.path.join("runs", cfg["name"] + suffix)
     command = "peft-hydra " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     try:
-        run_analysis(cfg, output, command, log=lambda s: print(s, file=sys.stderr, flush=True))
+        run(cfg, output, command, log=lambda s: print(s, file=sys.stderr, flush=True))
     except ModelUnavailable as e:
-        print(f"peft-hydra analyze: the model cannot be loaded.\n{e}", file=sys.stderr)
+        print(f"peft-hydra {args.cmd}: the model cannot be loaded.\n{e}", file=sys.stderr)
         return 3
-    except ValueError as e:
-        print(f"peft-hydra analyze: {type(e).__name__}: {e}", file=sys.stderr)
+    except ValueError as e:  # config problems found while building data / budgets / analysis options
+        print(f"peft-hydra {args.cmd}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     return 0
 
