@@ -49,12 +49,22 @@ def test_no_structure_takes_the_documented_fallback():
 
 
 def test_unstable_choice_across_folds_is_not_clear():
-    """A big gap is not enough: when no fold agrees with the whole-corpus elbow, the elbow is not clear."""
-    texts = clustered_texts(3)
+    """A big gap is not enough: when the folds do not choose the whole-corpus elbow, the elbow is not clear."""
+    texts = clustered_texts(5)
+    # folds of 5% of 100 texts (5 texts, ~1 per cluster) cannot see the 5 clusters: their elbows scatter
+    n, curve = peft_hydra.suggest_num_experts(texts, k_max=8, return_curve=True, n_init=3, folds=5, fold_fraction=0.05)
+    assert curve["elbow"] == 5 and curve["gap"] >= curve["margin"]  # the whole corpus alone shows a clear knee
+    assert len(curve["fold_elbows"]) == 5 and curve["agreement"] < curve["min_agreement"]
+    assert not curve["clear"] and curve["fallback_used"] and n == DEFAULT_FALLBACK
+    assert "of folds choose k=5" in curve["reason"] and "straight line" not in curve["reason"]
+    # the same corpus with folds large enough to see every cluster: they agree and the elbow is clear
+    n, curve = peft_hydra.suggest_num_experts(texts, k_max=8, return_curve=True, **FAST)
+    assert curve["clear"] and n == 5 and curve["agreement"] == 1.0
+    # no folds: stability is not measured (agreement 1); a margin no curve can meet: not clear
     n, curve = peft_hydra.suggest_num_experts(texts, k_max=8, return_curve=True, min_agreement=1.0, folds=0, n_init=3)
-    assert curve["clear"] and curve["fold_elbows"] == []  # no folds: stability not measured, agreement 1
+    assert curve["clear"] and curve["fold_elbows"] == []
     n, curve = peft_hydra.suggest_num_experts(texts, k_max=8, return_curve=True, margin=0.99, **FAST)
-    assert not curve["clear"] and n == DEFAULT_FALLBACK  # a margin no curve can meet
+    assert not curve["clear"] and n == DEFAULT_FALLBACK and "straight line" in curve["reason"]
 
 
 def test_is_deterministic_and_returns_int():
