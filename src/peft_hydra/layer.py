@@ -137,22 +137,32 @@ class HydraLoraLayer(BaseTunerLayer):
         ``record``: keep the router outputs for the balance loss (``router_aux_loss_coef > 0``) and accumulate the
         router statistics while collection is on. ``scaled=False`` leaves the LoRA scaling to the caller (the
         forward folds it into its ``add``).
+
+        This runs once per adapted layer and forward, and at small sizes its Python cost is a large part of the
+        step (benchmarks/bench_overhead.py): the adapter's containers are read from ``self._modules`` (plain dict
+        lookups; ``nn.Module.__getattr__`` costs about a microsecond per access).
         """
-        A = self.hydra_A[adapter].weight
+        modules = self._modules
+        A = modules["hydra_A"][adapter].weight
+        router = modules["hydra_router"]._modules.get(adapter)
+        if router is not None:
+            router = router.weight
+            record = record and (self._collect_stats or self._keep_router_out[adapter])
+        else:
+            record = False
         x = self._cast_input_dtype(x, A.dtype)
-        router = self.hydra_router[adapter].weight if adapter in self.hydra_router else None
-        record = record and router is not None and (self._collect_stats or self._keep_router_out[adapter])
+        dropout = modules["hydra_dropout"][adapter]
         delta, gates, probs = HF.delta_2d(
             x.reshape(-1, x.shape[-1]),
             A,
-            self.hydra_B[adapter],
+            modules["hydra_B"][adapter],
             self.scaling[adapter] if scaled else 1.0,
             router_weight=router,
-            fixed_gates=self.hydra_gates[adapter] if adapter in self.hydra_gates else None,
+            fixed_gates=modules["hydra_gates"]._buffers.get(adapter),
             router_input=self.router_input[adapter],
             top_k=self.top_k[adapter],
             temperature=self.router_temperature[adapter],
-            dropout=HF.active_dropout(self.hydra_dropout[adapter]),
+            dropout=None if type(dropout) is nn.Identity else HF.active_dropout(dropout),
             dropout_per_head=self.dropout_per_head[adapter],
             need_probs=record,
         )
@@ -182,10 +192,11 @@ class HydraLoraLayer(BaseTunerLayer):
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        if self.merged_adapters:
             return result
+        adapters = self._modules["hydra_A"]._modules  # plain dict lookups in the hot path (see _adapter_delta)
         for adapter in self.active_adapters:
-            if adapter in self.hydra_A:
+            if adapter in adapters:
                 delta = self._adapter_delta(adapter, x, scaled=False)
                 if delta.dtype != result.dtype:
                     delta = delta.to(result.dtype)
