@@ -3,6 +3,7 @@
     nice -n 5 .venv/bin/python benchmarks/bench_overhead.py
     nice -n 5 .venv/bin/python benchmarks/bench_overhead.py --choices       # also time the design alternatives
     .venv/bin/python benchmarks/bench_overhead.py --quick                   # smoke run
+    nice -n 5 .venv/bin/python benchmarks/bench_overhead.py --router-gemm   # fused vs separate router GEMM by size
 
 At these sizes (8 Llama layers, hidden 32, 8 tokens, all 7 linears adapted) a step is all host overhead: Python,
 dispatcher, autograd bookkeeping, kernel launches. Small models, short sequences and small batches are where this
@@ -23,7 +24,8 @@ Target (issue 7): HydraLoRA r=8 N=3 / PEFT LoRA r=16 <= 1.20 (the same trainable
 src/peft_hydra/functional.py) against the shipped one, each swapped in for the whole step:
 
 - ``fused A|router GEMM``: one GEMM over x for A and the router, with a ``torch.cat([A, W_router])`` per forward
-  and a ``split`` of the result (the previous implementation);
+  and a ``split`` of the result (shipped only from ``functional.FUSED_ROUTER_MIN_ELEMENTS`` elements of x on; at
+  these sizes the router is a GEMM of its own);
 - ``3-D linears``: the GEMMs on (batch, seq, in) instead of one flattened (tokens, in) view;
 - ``broadcast-multiply head mix``: the gates x ``A x`` outer product as a broadcast multiply (previous; still used
   under torch.compile, where it fuses) instead of a batched GEMM (``bmm``, shipped for eager: its backward is two
@@ -33,6 +35,10 @@ src/peft_hydra/functional.py) against the shipped one, each swapped in for the w
 - ``head mix as autograd.Function``: the gates x ``A x`` broadcast and the B GEMM as one custom
   ``torch.autograd.Function`` with a hand-written backward (``HeadMix`` below, checked with gradcheck in
   tests/test_functional.py).
+
+``--router-gemm`` times ``functional.delta_2d`` alone (forward + backward) with the router fused into A's GEMM
+and as a separate GEMM, over sizes from this host-bound case to SmolLM2's widths, and prints fused / separate: the
+measurement behind ``functional.FUSED_ROUTER_MIN_ELEMENTS`` (marked: the path the shipped threshold takes).
 """
 
 from __future__ import annotations
@@ -258,6 +264,50 @@ def op_counts(name, model, choice, aux, input_ids) -> tuple[int, int, int]:
     return len(events), len(leaves), autograd_nodes(loss)
 
 
+ROUTER_GEMM_SHAPES = [(8, 32, 32), (64, 64, 64), (8, 576, 576), (32, 576, 576), (64, 576, 576), (128, 576, 576),
+                      (32, 1536, 576), (128, 1536, 576), (16, 2048, 2048), (512, 576, 1536)]  # (tokens, in, out)
+
+
+def router_gemm_table(threads: int, rounds: int) -> None:
+    """fused / separate router GEMM for ``delta_2d`` (r=8, N=3, fp32) at each (tokens, in, out) of ROUTER_GEMM_SHAPES."""
+    from peft_hydra import functional as HF
+
+    shipped = HF.FUSED_ROUTER_MIN_ELEMENTS
+    print(f"delta_2d forward + backward, r=8 N=3 fp32, {threads} thread(s); shipped threshold: fuse from {shipped} "
+          f"elements of x (tokens x in)\n{'tokens':>6s} {'in':>5s} {'out':>5s} {'T*in':>7s} {'separate us':>11s} "
+          f"{'fused us':>9s} {'fused/sep':>9s}  shipped path")  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    for tokens, d_in, d_out in ROUTER_GEMM_SHAPES:
+        x = torch.randn(tokens, d_in, generator=gen).requires_grad_(True)
+        A = torch.randn(8, d_in, generator=gen).requires_grad_(True)
+        W = torch.randn(3, d_in, generator=gen).requires_grad_(True)
+        B = torch.randn(d_out, 3, 8, generator=gen).requires_grad_(True)
+
+        def step():
+            delta = HF.delta_2d(x, A, B, 1.0, router_weight=W, fixed_gates=None, router_input="x", top_k=None,
+                                temperature=1.0, dropout=None, dropout_per_head=False, need_probs=False)[0]  # fmt: skip
+            delta.sum().backward()
+
+        n = max(10, int(4e6 // (tokens * d_in)))
+        best = {}
+        for _ in range(rounds):
+            for label, threshold in (("separate", 1 << 62), ("fused", 0)):
+                HF.FUSED_ROUTER_MIN_ELEMENTS = threshold
+                try:
+                    for _ in range(3):
+                        step()
+                    c0 = time.process_time()
+                    for _ in range(n):
+                        step()
+                    t = (time.process_time() - c0) / n * 1e6
+                finally:
+                    HF.FUSED_ROUTER_MIN_ELEMENTS = shipped
+                best[label] = min(best.get(label, t), t)
+        path = "fused" if tokens * d_in >= shipped else "separate"
+        print(f"{tokens:6d} {d_in:5d} {d_out:5d} {tokens * d_in:7d} {best['separate']:11.1f} {best['fused']:9.1f} "
+              f"{best['fused'] / best['separate']:9.2f}  {path}")  # fmt: skip
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=8)
@@ -270,12 +320,17 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--choices", action="store_true", help="also time the measured design alternatives")
     parser.add_argument("--quick", action="store_true", help="3 rounds of 20 steps, fewer methods (smoke run)")
+    parser.add_argument("--router-gemm", action="store_true", help="only the fused vs separate router GEMM table")
     args = parser.parse_args(argv)
     if args.quick:
         args.warmup, args.repeats, args.rounds = 3, 20, 3
     torch.set_num_threads(args.threads)
     print("command:", " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average at start {os.getloadavg()}")
+    if args.router_gemm:
+        router_gemm_table(args.threads, args.rounds)
+        print(f"load average at end {os.getloadavg()}")
+        return 0
     print(f"stack: {args.layers} Llama layers, hidden {args.hidden}, intermediate {args.intermediate}, fp32, "
           f"batch 1 x {args.tokens} tokens, all 7 linears adapted ({7 * args.layers} layers)")  # fmt: skip
 

@@ -237,9 +237,17 @@ VARIANTS = {
 }
 
 
+@pytest.fixture(params=["separate", "fused"])
+def router_gemm(request, monkeypatch):
+    """Both router GEMM paths of delta_2d: its own GEMM, or one GEMM with A (forced at these tiny sizes by the
+    threshold; taken only where the router reads x with no active dropout, and the dtypes agree)."""
+    monkeypatch.setattr(HF, "FUSED_ROUTER_MIN_ELEMENTS", 1 << 62 if request.param == "separate" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("dropout", ["none", "shared", "per_head"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_delta_2d_matches_reference_values_and_grads_every_variant(variant, dropout):
+def test_delta_2d_matches_reference_values_and_grads_every_variant(variant, dropout, router_gemm):
     kw = dict(VARIANTS[variant])
     n, share_a, fixed = kw.pop("n", 3), kw.pop("share_a", True), kw.pop("fixed", None)
     router_input, top_k, temperature = kw.get("router_input", "x"), kw.get("top_k"), kw.get("temperature", 1.0)
@@ -274,7 +282,7 @@ def test_delta_2d_matches_reference_values_and_grads_every_variant(variant, drop
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_delta_bf16_close_to_fp32(variant):
+def test_delta_bf16_close_to_fp32(variant, router_gemm):
     kw = dict(VARIANTS[variant])
     n, share_a, fixed = kw.pop("n", 3), kw.pop("share_a", True), kw.pop("fixed", None)
     A, B, W = make(n, share_a=share_a, router_input=kw.get("router_input", "x"), seed=23)
@@ -354,3 +362,24 @@ def test_head_mix_autograd_function_of_the_benchmark_passes_gradcheck():
         B_flat = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(module.HeadMix.apply, (g, h, B_flat))
         torch.testing.assert_close(module.HeadMix.apply(g, h, B_flat), HF._mix(h, g, B_flat.view(4, 3, 2), 1.0))
+
+
+def test_router_gemm_is_fused_from_the_threshold_on(monkeypatch):
+    """From FUSED_ROUTER_MIN_ELEMENTS elements of x on, A and the router are ONE GEMM over [A; W] (one mm over x in
+    the forward instead of two); below it, or with an active dropout (A reads the dropped x, the router x), two."""
+    from torch.profiler import ProfilerActivity, profile
+
+    A, B, W = make(3, seed=5)
+    x = torch.randn(6, 7)
+
+    def mms(threshold, dropout=None):
+        monkeypatch.setattr(HF, "FUSED_ROUTER_MIN_ELEMENTS", threshold)
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            HF.delta_2d(x, A, B, 1.0, router_weight=W, fixed_gates=None, router_input="x", top_k=None,
+                        temperature=1.0, dropout=dropout, dropout_per_head=False, need_probs=True)  # fmt: skip
+        names = [e.name for e in prof.events()]
+        return names.count("aten::mm"), names.count("aten::cat")
+
+    assert mms(x.numel()) == (2, 1)  # [A; W] x, then the head mix
+    assert mms(x.numel() + 1) == (3, 0)  # A x, W x, the head mix
+    assert mms(0, dropout=torch.nn.Dropout(0.5).train()) == (3, 0)

@@ -17,6 +17,14 @@ import torch
 import torch.nn.functional as F
 
 
+FUSED_ROUTER_MIN_ELEMENTS = 1 << 16
+"""Size of x (tokens x in-features) from which :func:`delta_2d` computes ``A x`` and the router logits as ONE GEMM
+over ``[A; W_router]``. Measured on CPU (fp32, 1 thread, forward + backward, r = 8, N = 3, tokens x in-features;
+``benchmarks/bench_overhead.py --router-gemm``): the fused GEMM costs 1.18x the separate pair at 8 x 32 (the ``cat`` and
+``split`` are pure overhead there), 1.01 at 64 x 576, 0.92 at 128 x 576, 0.59 at 128 x 1536 (the separate router is a
+second skinny GEMM over x, forward and backward). Set it to 0 to always fuse or to a huge value to never fuse."""
+
+
 def router_probs(x: torch.Tensor, router_weight: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Per-token softmax over the N heads, computed in fp32: (..., d) x (N, d) -> (..., N)."""
     return softmax_gates(F.linear(_as(x, router_weight.dtype), router_weight), temperature)
@@ -146,28 +154,43 @@ def delta_2d(
     """:func:`hydra_delta` on a 2-D ``x`` (T, in), the layer's hot path: returns (T, out), (T, N), (T, N).
 
     ``dropout`` is an active dropout module or None (see :func:`active_dropout`). Kept minimal in ops and autograd
-    nodes (see benchmarks/bench_overhead.py): 2-D GEMMs (no view/unsafe-view pairs), the router as its own GEMM
-    (no per-forward ``cat`` of A and the router), the fp32 cast fused into the softmax, top-k as a softmax over the
-    k largest logits, and the head mix as one outer product (``bmm`` in eager) and one GEMM.
+    nodes (see benchmarks/bench_overhead.py): 2-D GEMMs (no view/unsafe-view pairs), the fp32 cast fused into the
+    softmax, top-k as a softmax over the k largest logits, and the head mix as one outer product (``bmm`` in eager)
+    and one GEMM. The router shares A's GEMM over x (a per-forward ``cat`` of the two weights) when x has at least
+    :data:`FUSED_ROUTER_MIN_ELEMENTS` elements, and runs as its own GEMM below that (see the constant).
     """
     out_features, n, r = B.shape
     shared = A.shape[0] == r
+    logits = None
     if dropout is not None and dropout_per_head and n > 1:
         xd = dropout(x.unsqueeze(1).expand(-1, n, -1))  # (T, N, in): one mask per head
         if shared:
             h = F.linear(xd, A)  # (T, N, r)
         else:
             h = torch.einsum("tni,nri->tnr", xd, A.view(n, r, -1))
+    elif (
+        router_weight is not None
+        and router_input == "x"
+        and dropout is None
+        and x.numel() >= FUSED_ROUTER_MIN_ELEMENTS
+        and router_weight.dtype == A.dtype == x.dtype
+    ):
+        # A and the router read the same x: one GEMM over x for both (x is read once, and the router's N-column
+        # GEMM and its backward stop being separate skinny GEMMs), at the cost of a small per-forward ``cat``
+        h, logits = F.linear(x, torch.cat([A, router_weight])).split([A.shape[0], n], dim=-1)
     else:
         h = F.linear(dropout(x) if dropout is not None else x, A)  # (T, r) or (T, N*r)
     probs = None
     if router_weight is not None:
-        if router_input == "x":
-            logits = F.linear(_as(x, router_weight.dtype), router_weight)
-        elif h.dim() == 2:
-            logits = F.linear(_as(h, router_weight.dtype), router_weight)
-        else:
-            raise ValueError("router_input='a' needs one A x per token: it cannot be combined with dropout_per_head.")
+        if logits is None:
+            if router_input == "x":
+                logits = F.linear(_as(x, router_weight.dtype), router_weight)
+            elif h.dim() == 2:
+                logits = F.linear(_as(h, router_weight.dtype), router_weight)
+            else:
+                raise ValueError(
+                    "router_input='a' needs one A x per token: it cannot be combined with dropout_per_head."
+                )
         if top_k is None or top_k >= n:
             gates = probs = softmax_gates(logits, temperature)
         else:
