@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import peft_hydra
-from peft_hydra.heads import DEFAULT_FALLBACK, PAPER_RANGE, _elbow, _elbow_gap
+from peft_hydra.heads import DEFAULT_FALLBACK, PAPER_RANGE, _elbow_gap
 
 FAST = {"n_init": 3, "folds": 3}
 
@@ -75,7 +75,7 @@ def test_is_deterministic_and_returns_int():
 
 
 def test_elbow_rule():
-    assert _elbow([1, 2, 3, 4, 5, 6], [100, 60, 20, 18, 16, 14]) == 3  # a sharp knee at k=3
+    assert _elbow_gap([1, 2, 3, 4, 5, 6], [100, 60, 20, 18, 16, 14])[0] == 3  # a sharp knee at k=3
     k, gap = _elbow_gap([1, 2, 3, 4], [4, 3, 2, 1])  # a straight line has no elbow: gap 0
     assert gap == 0.0 and k == 1
 

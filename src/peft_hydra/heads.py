@@ -48,11 +48,6 @@ def _elbow_gap(ks: Sequence[int], sse: Sequence[float]) -> tuple[int, float]:
     return int(best_k), float(best_gap)
 
 
-def _elbow(ks: Sequence[int], sse: Sequence[float]) -> int:
-    """The k of maximum distance below the chord (the first k when the curve is a straight line or worse)."""
-    return _elbow_gap(ks, sse)[0]
-
-
 def _sse_curve(X, ks, n_init: int, random_state: int) -> list[float]:
     from sklearn.cluster import KMeans
 

@@ -68,14 +68,6 @@ def random_baseline(shapes: dict[str, dict[str, tuple]], n_groups: int, seed: in
     return pair_metrics(mats)
 
 
-def _summ(xs: list[float], seed: int = 0) -> dict[str, float]:
-    a = np.asarray(xs, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    boots = a[rng.integers(0, len(a), size=(2000, len(a)))].mean(1) if len(a) > 1 else a
-    return {"mean": float(a.mean()), "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
-            "n": int(len(a))}  # fmt: skip
-
-
 def lora_matrices(wrapper) -> dict[str, dict[str, np.ndarray]]:
     """{module name: {"A": (r, in), "B": (out, r)}} of a PEFT LoRA model's default adapter."""
     out = {}
@@ -153,11 +145,16 @@ def run_analysis(cfg: dict, output_dir: str, command: str, log=print) -> dict[st
     import peft
 
     from .methods import MethodSpec
+    from .report import bootstrap_mean
     from .run import machine_info, prepare
     from .train import train_run
 
     t0 = time.time()
     acfg = analysis_options(cfg.get("analysis"))
+
+    def _summ(xs):  # mean and bootstrap 95% CI over (module, group pair) values
+        return bootstrap_mean(xs, cfg["bootstrap"])
+
     os.makedirs(output_dir, exist_ok=True)
     P = prepare(cfg, log)
     train = P["tokd"]["train"]

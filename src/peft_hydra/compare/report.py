@@ -75,6 +75,18 @@ def holm(pvals: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def percentile_ci(boots) -> list[float]:
+    """The percentile 95% CI of bootstrap replicates (the one CI rule of every report)."""
+    return [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
+
+
+def bootstrap_mean(xs, n_boot: int, seed: int = 0) -> dict[str, Any]:
+    """Mean of ``xs`` with its percentile bootstrap 95% CI over the values (a single value: a zero-width CI)."""
+    a = np.asarray(xs, dtype=np.float64)
+    boots = a[np.random.default_rng(seed).integers(0, len(a), size=(n_boot, len(a)))].mean(1) if len(a) > 1 else a
+    return {"mean": float(a.mean()), "ci95": percentile_ci(boots), "n": int(len(a))}
+
+
 def paired_stats(results: dict, eval_examples: list[dict], reference: str, n_boot: int, seed: int = 0) -> dict:
     """Per-example paired differences (method - reference, loss per token) averaged over seeds; bootstrap over
     examples: mean, percentile 95% CI, two-sided p of a z-test with the bootstrap standard error; Holm-corrected across methods within each group (all, each source)."""
@@ -102,7 +114,7 @@ def paired_stats(results: dict, eval_examples: list[dict], reference: str, n_boo
             per_seed = diffs.mean(1)
             rows[m] = {
                 "mean_diff": float(d.mean()),
-                "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
+                "ci95": percentile_ci(boots),
                 "p": float(p),
                 "per_seed_mean_diff": [float(x) for x in per_seed],
                 "seeds": common,
