@@ -129,10 +129,10 @@ def test_plain_path_and_optional_methods(tmp_path):
     accuracy by greedy generation (BBH-like short answers: exact first line; GSM8K: final number)."""
     out = tmp_path / "out"
     cfg = write_cfg(tmp_path, methods=["lora", "ia3", "adalora", "full"], cache_lower_layers=False, seeds=[0],
-                    lr_sweep=[], budget=None, generate=True, generate_max_new_tokens=4)  # fmt: skip
-    assert main(["compare", "--config", cfg, "--output", str(out)]) == 0
+                    lr_sweep=[], budget=None, generate_max_new_tokens=4)  # fmt: skip
+    assert main(["compare", "--config", cfg, "--output", str(out), "--generate"]) == 0  # = `generate: true`
     res = json.loads((out / "results.json").read_text())
-    assert res["cache"] == {"enabled": False}
+    assert res["cache"] == {"enabled": False} and res["config"]["generate"] is True
     params = {r["method"]: r["trainable_params"] for r in res["runs"]}
     assert params["ia3"] < params["lora"] < params["full"]
     assert all(r["eval_loss"] > 0 for r in res["runs"])

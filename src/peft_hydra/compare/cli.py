@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="Override `steps` of the config")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="Override `seeds` of the config")
     p.add_argument("--methods", nargs="+", default=None, help="Override `methods` of the config")
+    p.add_argument("--generate", action="store_true", default=None,
+                   help="Also score BBH / GSM8K by greedy generation (`generate: true`; full forward, slow on CPU)")
     a = sub.add_parser(
         "analyze",
         help="Observation II: train one LoRA per group of categories and compare their A's and B's.",
@@ -64,7 +66,8 @@ def main(argv=None) -> int:
         from .analyze import run_analysis
 
         return _run_config(args, argv, {}, run_analysis, "_analysis")
-    overrides = {key: getattr(args, key) for key in ("steps", "seeds", "methods") if getattr(args, key) is not None}
+    overrides = {key: getattr(args, key) for key in ("steps", "seeds", "methods", "generate")
+                 if getattr(args, key) is not None}
     from .run import run_comparison
 
     return _run_config(args, argv, overrides, run_comparison, "")
