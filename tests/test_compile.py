@@ -7,6 +7,7 @@ import torch
 from peft import get_peft_model
 
 from peft_hydra import HydraLoraConfig, HydraLoraLayer
+from peft_hydra import functional as HF
 
 VARIANTS = {
     "dense": {},
@@ -18,6 +19,7 @@ VARIANTS = {
     "dropout": {"lora_dropout": 0.1},
     "dropout_per_head": {"lora_dropout": 0.1, "dropout_per_head": True},
     "balance_loss": {"router_aux_loss_coef": 0.1, "top_k": 2},
+    "fused_router_gemm": {},  # the router in A's GEMM (forced below: the tiny x is under the size threshold)
 }
 
 
@@ -30,8 +32,10 @@ def _model(tiny_llama, **overrides):
 
 @pytest.mark.parametrize("stats", [False, True], ids=["stats_off", "stats_on"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_layer_has_no_graph_breaks(tiny_llama, variant, stats):
+def test_layer_has_no_graph_breaks(tiny_llama, variant, stats, monkeypatch):
     torch._dynamo.reset()
+    if variant == "fused_router_gemm":
+        monkeypatch.setattr(HF, "FUSED_ROUTER_MIN_ELEMENTS", 0)
     model = _model(tiny_llama, **VARIANTS[variant]).train()
     if stats:
         model.base_model.reset_router_stats()
@@ -43,8 +47,10 @@ def test_layer_has_no_graph_breaks(tiny_llama, variant, stats):
     assert explanation.graph_count == 1
 
 
-def test_compiled_layer_fullgraph_forward_backward_matches_eager(tiny_llama):
+@pytest.mark.parametrize("router_gemm", ["separate", "fused"])
+def test_compiled_layer_fullgraph_forward_backward_matches_eager(tiny_llama, router_gemm, monkeypatch):
     torch._dynamo.reset()
+    monkeypatch.setattr(HF, "FUSED_ROUTER_MIN_ELEMENTS", 0 if router_gemm == "fused" else 1 << 62)
     model = _model(tiny_llama, top_k=2, router_aux_loss_coef=0.1).train()
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     x = torch.randn(2, 5, layer.in_features)
