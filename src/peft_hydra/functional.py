@@ -19,10 +19,11 @@ import torch.nn.functional as F
 
 FUSED_ROUTER_MIN_ELEMENTS = 1 << 16
 """Size of x (tokens x in-features) from which :func:`delta_2d` computes ``A x`` and the router logits as ONE GEMM
-over ``[A; W_router]``. Measured on CPU (fp32, 1 thread, forward + backward, r = 8, N = 3, tokens x in-features;
-``benchmarks/bench_overhead.py --router-gemm``): the fused GEMM costs 1.18x the separate pair at 8 x 32 (the ``cat`` and
-``split`` are pure overhead there), 1.01 at 64 x 576, 0.92 at 128 x 576, 0.59 at 128 x 1536 (the separate router is a
-second skinny GEMM over x, forward and backward). Set it to 0 to always fuse or to a huge value to never fuse."""
+over ``[A; W_router]``. Measured on CPU (fp32, 1 thread, forward + backward, r = 8, N = 3, quiet machine;
+``benchmarks/bench_overhead.py --router-gemm``), fused / separate: 1.14 at 8 tokens x 32 and 1.20 at 8 x 576 (the
+``cat`` and ``split`` are pure overhead there), 1.03-1.04 at 16 x 2048 and 32 x 576, 0.99 at 64 x 576 and 128 x 576,
+0.96 at 128 x 1536, 0.91 at 512 x 576 (x is read once, and the router stops being a second skinny GEMM over x in
+the forward and the backward). Set it to 0 to always fuse or to a huge value to never fuse."""
 
 
 def router_probs(x: torch.Tensor, router_weight: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
