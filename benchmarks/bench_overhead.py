@@ -24,8 +24,8 @@ Target (issue 7): HydraLoRA r=8 N=3 / PEFT LoRA r=16 <= 1.20 (the same trainable
 src/peft_hydra/functional.py) against the shipped one, each swapped in for the whole step:
 
 - ``fused A|router GEMM``: one GEMM over x for A and the router, with a ``torch.cat([A, W_router])`` per forward
-  and a ``split`` of the result (shipped only from ``functional.FUSED_ROUTER_MIN_ELEMENTS`` elements of x on; at
-  these sizes the router is a GEMM of its own);
+  and a ``split`` of the result (the shipped path from ``functional.FUSED_ROUTER_MIN_ELEMENTS`` elements of x on,
+  forced here by setting that threshold to 0; at these sizes the shipped router is a GEMM of its own);
 - ``3-D linears``: the GEMMs on (batch, seq, in) instead of one flattened (tokens, in) view;
 - ``broadcast-multiply head mix``: the gates x ``A x`` outer product as a broadcast multiply (previous; still used
   under torch.compile, where it fuses) instead of a batched GEMM (``bmm``, shipped for eager: its backward is two
@@ -104,10 +104,6 @@ def _alternative(name: str, shipped: Callable) -> Callable:
     def delta_2d(x, A, B, scaling, *, router_weight, fixed_gates, router_input, top_k, temperature, dropout,
                  dropout_per_head, need_probs):  # fmt: skip
         out_features, n, r = B.shape
-        if name == "fused A|router GEMM" and router_weight is not None and router_input == "x" and dropout is None:
-            h, logits = F.linear(x, torch.cat([A, router_weight])).split([A.shape[0], n], dim=-1)
-            gates = probs = HF.softmax_gates(logits, temperature)
-            return HF._mix(h.unsqueeze(-2), gates, B, scaling), gates, probs
         if name == "top-k renormalise" and router_weight is not None and top_k is not None:
             h = F.linear(x, A)
             probs = HF.softmax_gates(F.linear(x, router_weight), temperature)
@@ -139,6 +135,14 @@ def swapped(choice: Optional[str]):
 
     if choice is None:
         yield
+        return
+    if choice == "fused A|router GEMM":  # the shipped fused path, forced below its size threshold
+        threshold = HF.FUSED_ROUTER_MIN_ELEMENTS
+        HF.FUSED_ROUTER_MIN_ELEMENTS = 0
+        try:
+            yield
+        finally:
+            HF.FUSED_ROUTER_MIN_ELEMENTS = threshold
         return
     if choice == "3-D linears":
         shipped = HydraLoraLayer._adapter_delta

@@ -151,7 +151,6 @@ class HydraLoraLayer(BaseTunerLayer):
         else:
             record = False
         x = self._cast_input_dtype(x, A.dtype)
-        dropout = modules["hydra_dropout"][adapter]
         delta, gates, probs = HF.delta_2d(
             x.reshape(-1, x.shape[-1]),
             A,
@@ -162,7 +161,7 @@ class HydraLoraLayer(BaseTunerLayer):
             router_input=self.router_input[adapter],
             top_k=self.top_k[adapter],
             temperature=self.router_temperature[adapter],
-            dropout=None if type(dropout) is nn.Identity else HF.active_dropout(dropout),
+            dropout=HF.active_dropout(modules["hydra_dropout"][adapter]),
             dropout_per_head=self.dropout_per_head[adapter],
             need_probs=record,
         )
@@ -192,7 +191,7 @@ class HydraLoraLayer(BaseTunerLayer):
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged_adapters:
+        if self.merged:
             return result
         adapters = self._modules["hydra_A"]._modules  # plain dict lookups in the hot path (see _adapter_delta)
         for adapter in self.active_adapters:

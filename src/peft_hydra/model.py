@@ -21,6 +21,7 @@ from .config import (
     check_gate_layers,
     no_exact_merge_message,
 )
+from . import functional as HF
 from . import hub
 from .layer import HydraLoraLayer, Linear
 
@@ -222,14 +223,12 @@ class HydraLoraModel(BaseTuner):
         if coef == 0 or not groups:
             device = next((p.device for p in self.parameters()), torch.device("cpu"))
             return torch.zeros((), device=device)
-        from .functional import load_balancing_losses
-
         losses = []
         for (shape, _, top_k), outs in groups.items():
             n = shape[-1]
             probs = torch.stack([p.reshape(-1, n) for p, _ in outs])
             gates = torch.stack([g.reshape(-1, n) for _, g in outs]) if top_k is not None else probs
-            losses.append(load_balancing_losses(probs, gates, top_k).float())
+            losses.append(HF.load_balancing_losses(probs, gates, top_k).float())
         return coef * (losses[0] if len(losses) == 1 else torch.cat(losses)).mean()
 
     def router_stats(self, adapter_name: Optional[str] = None) -> dict[str, Any]:
