@@ -26,7 +26,10 @@ src/peft_hydra/functional.py) against the shipped one, each swapped in for the w
 - ``fused A|router GEMM``: one GEMM over x for A and the router, with a ``torch.cat([A, W_router])`` per forward
   and a ``split`` of the result (the shipped path from ``functional.FUSED_ROUTER_MIN_ELEMENTS`` elements of x on,
   forced here by setting that threshold to 0; at these sizes the shipped router is a GEMM of its own);
-- ``3-D linears``: the GEMMs on (batch, seq, in) instead of one flattened (tokens, in) view;
+- ``base layer on (batch, seq, in)``: the base layer called on x as given (the shipped forward calls it, and the
+  adapter, on x flattened to (tokens, in): a Linear on 3-D input folds and unfolds it around its GEMM, two more ops
+  and autograd nodes per layer);
+- ``3-D linears``: the base layer and the adapter's GEMMs all on (batch, seq, in);
 - ``broadcast-multiply head mix``: the gates x ``A x`` outer product as a broadcast multiply (previous; still used
   under torch.compile, where it fuses) instead of a batched GEMM (``bmm``, shipped for eager: its backward is two
   batched GEMMs instead of two multiplies and two reductions);
@@ -98,7 +101,7 @@ class HeadMix(torch.autograd.Function):
 
 
 def _alternative(name: str, shipped: Callable) -> Callable:
-    """A stand-in for ``functional.delta_2d`` (or the layer's ``_adapter_delta``) implementing one alternative."""
+    """A stand-in for ``functional.delta_2d`` implementing one alternative."""
     from peft_hydra import functional as HF
 
     def delta_2d(x, A, B, scaling, *, router_weight, fixed_gates, router_input, top_k, temperature, dropout,
@@ -127,6 +130,31 @@ def _alternative(name: str, shipped: Callable) -> Callable:
     return delta_2d
 
 
+def _forward_3d(adapter_3d: bool) -> Callable:
+    """The layer's forward with the base layer on x as given, (batch, seq, in) (the shipped forward flattens x to
+    (tokens, in) once for the base layer and the adapter); ``adapter_3d``: the adapter's GEMMs on (batch, seq, in)
+    too, else on one flattened view (the shipped ``_adapter_delta``)."""
+    from peft_hydra import functional as HF
+
+    def forward(self, x, *args, **kwargs):
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter in self.active_adapters:
+            if adapter not in self.hydra_A:
+                continue
+            if adapter_3d:
+                A, W, B = self.hydra_A[adapter].weight, self.hydra_router[adapter].weight, self.hydra_B[adapter]
+                out_features, n, r = B.shape
+                h = F.linear(x, A)
+                gates = HF.softmax_gates(F.linear(x, W))
+                delta = F.linear((gates.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2), B.view(out_features, n * r))
+            else:
+                delta = self._adapter_delta(adapter, x, scaled=False).view_as(result)
+            result = torch.add(result, delta, alpha=self.scaling[adapter])
+        return result
+
+    return forward
+
+
 @contextlib.contextmanager
 def swapped(choice: Optional[str]):
     """Run the step with one alternative of the hot path swapped in (None: the shipped code)."""
@@ -144,24 +172,15 @@ def swapped(choice: Optional[str]):
         finally:
             HF.FUSED_ROUTER_MIN_ELEMENTS = threshold
         return
-    if choice == "3-D linears":
-        shipped = HydraLoraLayer._adapter_delta
+    if choice in ("base layer on (batch, seq, in)", "3-D linears"):
+        from peft_hydra.layer import Linear
 
-        def adapter_delta_3d(self, adapter, x, record=True, scaled=True):
-            A = self.hydra_A[adapter].weight
-            W = self.hydra_router[adapter].weight
-            B = self.hydra_B[adapter]
-            out_features, n, r = B.shape
-            h = F.linear(x, A)
-            gates = HF.softmax_gates(F.linear(x, W))
-            g = gates * self.scaling[adapter] if scaled else gates
-            return F.linear((g.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2), B.view(out_features, n * r))
-
-        HydraLoraLayer._adapter_delta = adapter_delta_3d
+        shipped = Linear.forward
+        Linear.forward = _forward_3d(adapter_3d=choice == "3-D linears")
         try:
             yield
         finally:
-            HydraLoraLayer._adapter_delta = shipped
+            Linear.forward = shipped
         return
     shipped = HF.delta_2d
     HF.delta_2d = _alternative(choice, shipped)
@@ -205,8 +224,8 @@ def make_methods(args) -> dict[str, tuple[nn.Module, Optional[str], bool]]:
     if args.choices:
         dense = methods["HydraLoRA r=8 N=3"][0]
         top2 = hydra(top_k=2)
-        for choice in ("fused A|router GEMM", "3-D linears", "broadcast-multiply head mix",
-                       "head mix as autograd.Function"):  # fmt: skip
+        for choice in ("fused A|router GEMM", "base layer on (batch, seq, in)", "3-D linears",
+                       "broadcast-multiply head mix", "head mix as autograd.Function"):  # fmt: skip
             methods[f"  alt: {choice}"] = (dense, choice, False)
         methods["  alt: top-k renormalise (top-2)"] = (top2, "top-k renormalise", False)
     for model, _, _ in methods.values():

@@ -48,6 +48,32 @@ def test_layer_forward_is_base_plus_functional_delta(conv1d):
     torch.testing.assert_close(layer(x), want)
 
 
+def test_forward_reads_adapter_weights_that_are_not_plain_parameters():
+    """The forward reads A, the router and B from ``_parameters`` (fast); a weight that is not a registered parameter
+    there (a parametrization here; FSDP's flat-parameter views alike) must still be the one used, not skipped."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    _, layer = wrap(r=3, num_experts=3)
+    x = torch.randn(2, 5, 10)
+    A = layer.hydra_A["default"].weight.detach().clone()
+    W = layer.hydra_router["default"].weight.detach().clone()
+    B = layer.hydra_B["default"].detach().clone()
+    parametrize.register_parametrization(layer.hydra_A["default"], "weight", Double())
+    parametrize.register_parametrization(layer.hydra_router["default"], "weight", Double())
+    assert "weight" not in layer.hydra_A["default"]._parameters
+    want = layer.get_base_layer()(x) + HF.hydra_delta(x, 2 * A, B, layer.scaling["default"], router_weight=2 * W)[0]
+    torch.testing.assert_close(layer(x), want)
+    # B lives in a ParameterDict: replaced by a plain tensor attribute, the forward must read that one
+    del layer.hydra_B._parameters["default"]
+    object.__setattr__(layer.hydra_B, "default", 3 * B)
+    want = layer.get_base_layer()(x) + HF.hydra_delta(x, 2 * A, 3 * B, layer.scaling["default"], router_weight=2 * W)[0]
+    torch.testing.assert_close(layer(x), want)
+
+
 @pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
 @pytest.mark.parametrize("share_a", [True, False])
 def test_delta_weight_layout_and_merge_unmerge(conv1d, share_a):

@@ -35,6 +35,8 @@ def softmax_gates(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     """fp32 softmax of router logits (..., N) at the given temperature (the cast is fused into the softmax)."""
     if temperature != 1.0:
         logits = logits.float() / temperature
+    if logits.dtype == torch.float32:  # the dtype argument costs a cast op even when there is nothing to cast
+        return logits.softmax(dim=-1)
     return logits.softmax(dim=-1, dtype=torch.float32)
 
 
@@ -86,10 +88,10 @@ def _mix(h: torch.Tensor, gates: Optional[torch.Tensor], B: torch.Tensor, scalin
     out_features, n, r = B.shape
     if gates is None:
         return F.linear(h * scaling if scaling != 1.0 else h, B.view(out_features, r))
-    g = _as(gates, h.dtype)
+    g = gates if gates.dtype == h.dtype else gates.to(h.dtype)
     if scaling != 1.0:
         g = g * scaling
-    if g.dim() == 2 and h.dim() == 3 and h.shape[1] == 1 and not torch.compiler.is_compiling():
+    if g.dim() == 2 and h.shape[-2] == 1 and not torch.compiler.is_compiling():
         # per-token gates on a shared A, (T, N) x (T, 1, r): the outer product as a batched GEMM, whose backward is
         # two batched GEMMs instead of two multiplies and two reductions: measured ~2% faster per step in the
         # host-bound case (benchmarks/bench_overhead.py --choices), the same at 1024 tokens. Under torch.compile
@@ -160,30 +162,29 @@ def delta_2d(
     and one GEMM. The router shares A's GEMM over x (a per-forward ``cat`` of the two weights) when x has at least
     :data:`FUSED_ROUTER_MIN_ELEMENTS` elements, and runs as its own GEMM below that (see the constant).
     """
-    out_features, n, r = B.shape
-    shared = A.shape[0] == r
+    n = B.shape[1]
     logits = None
-    if dropout is not None and dropout_per_head and n > 1:
-        xd = dropout(x.unsqueeze(1).expand(-1, n, -1))  # (T, N, in): one mask per head
-        if shared:
-            h = F.linear(xd, A)  # (T, N, r)
+    if dropout is not None:
+        if dropout_per_head and n > 1:
+            xd = dropout(x.unsqueeze(1).expand(-1, n, -1))  # (T, N, in): one mask per head
+            r = B.shape[2]
+            h = F.linear(xd, A) if A.shape[0] == r else torch.einsum("tni,nri->tnr", xd, A.view(n, r, -1))
         else:
-            h = torch.einsum("tni,nri->tnr", xd, A.view(n, r, -1))
-    elif (
-        router_weight is not None
-        and router_input == "x"
-        and dropout is None
-        and x.numel() >= FUSED_ROUTER_MIN_ELEMENTS
-        and router_weight.dtype == A.dtype == x.dtype
-    ):
+            h = F.linear(dropout(x), A)  # (T, r) or (T, N*r)
+    elif router_weight is None or router_input != "x":
+        h = F.linear(x, A)
+    elif x.numel() < FUSED_ROUTER_MIN_ELEMENTS or not router_weight.dtype == A.dtype == x.dtype:
+        h = F.linear(x, A)
+        logits = F.linear(_as(x, router_weight.dtype), router_weight)
+    else:
         # A and the router read the same x: one GEMM over x for both (x is read once, and the router's N-column
         # GEMM and its backward stop being separate skinny GEMMs), at the cost of a small per-forward ``cat``
         h, logits = F.linear(x, torch.cat([A, router_weight])).split([A.shape[0], n], dim=-1)
-    else:
-        h = F.linear(dropout(x) if dropout is not None else x, A)  # (T, r) or (T, N*r)
     probs = None
-    if router_weight is not None:
-        if logits is None:
+    if router_weight is None:
+        gates = fixed_gates
+    else:
+        if logits is None:  # the router reads the un-dropped x, or A x
             if router_input == "x":
                 logits = F.linear(_as(x, router_weight.dtype), router_weight)
             elif h.dim() == 2:
@@ -197,10 +198,8 @@ def delta_2d(
         else:
             gates = top_k_softmax(logits, top_k, temperature)
             probs = softmax_gates(logits, temperature) if need_probs else None
-    else:
-        gates = fixed_gates
-    if h.dim() == 2 and gates is not None:
-        h = h.unsqueeze(-2) if shared else h.view(-1, n, r)
+    if gates is not None and h.dim() == 2:
+        h = h.unsqueeze(-2) if A.shape[0] == B.shape[2] else h.view(-1, n, B.shape[2])
     return _mix(h, gates, B, scaling), gates, probs
 
 
@@ -210,13 +209,11 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def active_dropout(dropout):
     """``dropout`` when it changes its input (a training-mode ``nn.Dropout`` with p > 0 or an unknown module)."""
-    return None if _is_identity(dropout) else dropout
-
-
-def _is_identity(dropout) -> bool:
     if dropout is None or isinstance(dropout, torch.nn.Identity):
-        return True
-    return isinstance(dropout, torch.nn.Dropout) and (dropout.p == 0 or not dropout.training)
+        return None
+    if isinstance(dropout, torch.nn.Dropout) and (dropout.p == 0 or not dropout.training):
+        return None
+    return dropout
 
 
 def gated_heads(B: torch.Tensor, gates: torch.Tensor, shared_a: bool) -> torch.Tensor:

@@ -31,6 +31,15 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def _param(container: nn.Module, name: str) -> torch.Tensor:
+    """``getattr(container, name)`` for a registered parameter, read from ``_parameters`` directly: the usual
+    ``nn.Module.__getattr__`` fallback costs microseconds per access in the forward (up to ~5 us measured in
+    benchmarks/bench_overhead.py's step). A name that is not a registered parameter (a parametrization, FSDP's
+    flat-parameter views) takes the usual attribute path."""
+    param = container._parameters.get(name)
+    return param if param is not None else getattr(container, name)
+
+
 def _new_accumulator(num_experts: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Zeroed router-statistics sums: (2N,) gate and entropy sums, (1,) token count; float64 (exact token counts far
     beyond fp32's 2**24) except on MPS, which has no float64. The count is not 0-dim: torch.compile (2.13) drops
@@ -132,29 +141,30 @@ class HydraLoraLayer(BaseTunerLayer):
 
     # ----------------------------------------------------------------------------------------------- forward
     def _adapter_delta(self, adapter: str, x: torch.Tensor, record: bool = True, scaled: bool = True) -> torch.Tensor:
-        """The update ``scaling * sum_i g_i B_i A x`` of ``adapter`` for input ``x`` (..., in) -> (..., out).
+        """The update ``scaling * sum_i g_i B_i A x`` of ``adapter`` for input ``x`` (..., in), as a 2-D (tokens, out)
+        tensor.
 
         ``record``: keep the router outputs for the balance loss (``router_aux_loss_coef > 0``) and accumulate the
         router statistics while collection is on. ``scaled=False`` leaves the LoRA scaling to the caller (the
         forward folds it into its ``add``).
 
         This runs once per adapted layer and forward, and at small sizes its Python cost is a large part of the
-        step (benchmarks/bench_overhead.py): the adapter's containers are read from ``self._modules`` (plain dict
-        lookups; ``nn.Module.__getattr__`` costs about a microsecond per access).
+        step (benchmarks/bench_overhead.py): the adapter's containers and parameters are read from ``_modules`` and
+        ``_parameters`` (plain dict lookups; see :func:`_param`).
         """
         modules = self._modules
-        A = modules["hydra_A"][adapter].weight
+        A = _param(modules["hydra_A"]._modules[adapter], "weight")
         router = modules["hydra_router"]._modules.get(adapter)
         if router is not None:
-            router = router.weight
+            router = _param(router, "weight")
             record = record and (self._collect_stats or self._keep_router_out[adapter])
         else:
             record = False
         x = self._cast_input_dtype(x, A.dtype)
         delta, gates, probs = HF.delta_2d(
-            x.reshape(-1, x.shape[-1]),
+            x if x.dim() == 2 else x.reshape(-1, x.shape[-1]),
             A,
-            modules["hydra_B"][adapter],
+            _param(modules["hydra_B"], adapter),
             self.scaling[adapter] if scaled else 1.0,
             router_weight=router,
             fixed_gates=modules["hydra_gates"]._buffers.get(adapter),
@@ -167,7 +177,7 @@ class HydraLoraLayer(BaseTunerLayer):
         )
         if record:
             self._record_router(adapter, probs, gates)
-        return delta.view(*x.shape[:-1], delta.shape[-1])
+        return delta
 
     def _record_router(self, adapter: str, probs: torch.Tensor, gates: torch.Tensor) -> None:
         if _in_backward():
@@ -190,17 +200,22 @@ class HydraLoraLayer(BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
+        modules = self._modules  # plain dict lookups in the hot path (see _adapter_delta)
         if self.merged:
-            return result
-        adapters = self._modules["hydra_A"]._modules  # plain dict lookups in the hot path (see _adapter_delta)
+            return modules["base_layer"](x, *args, **kwargs)
+        # The base layer and the adapters run on the tokens flattened to 2-D (one view of x, one of the result): a
+        # Linear on (batch, seq, in) folds and unfolds its input around the GEMM and records two more autograd nodes
+        # (benchmarks/bench_overhead.py). The base layer is a Linear or Conv1D (model.py), for which it is the same.
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        result = modules["base_layer"](x2, *args, **kwargs)
+        adapters = modules["hydra_A"]._modules
         for adapter in self.active_adapters:
             if adapter in adapters:
-                delta = self._adapter_delta(adapter, x, scaled=False)
+                delta = self._adapter_delta(adapter, x2, scaled=False)
                 if delta.dtype != result.dtype:
                     delta = delta.to(result.dtype)
                 result = torch.add(result, delta, alpha=self.scaling[adapter])  # the scaling costs no kernel
-        return result
+        return result if x.dim() == 2 else result.view(*x.shape[:-1], result.shape[-1])
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str], **kwargs: Any):
         if len(adapter_names) != len(x):
@@ -215,7 +230,8 @@ class HydraLoraLayer(BaseTunerLayer):
             if adapter == "__base__" or adapter not in self.hydra_A:
                 continue
             index = [i for i, name in enumerate(adapter_names) if name == adapter]
-            result[index] += self._adapter_delta(adapter, x[index], record=False).to(result.dtype)
+            sub = result[index]
+            result[index] = sub + self._adapter_delta(adapter, x[index], record=False).view_as(sub).to(result.dtype)
         return result
 
     # ------------------------------------------------------------------------------------------------ merge
