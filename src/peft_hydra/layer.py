@@ -33,9 +33,9 @@ def _in_backward() -> bool:
 
 def _param(container: nn.Module, name: str) -> torch.Tensor:
     """``getattr(container, name)`` for a registered parameter, read from ``_parameters`` directly: the usual
-    ``nn.Module.__getattr__`` fallback costs microseconds per access in the forward (up to ~5 us measured in
-    benchmarks/bench_overhead.py's step). A name that is not a registered parameter (a parametrization, FSDP's
-    flat-parameter views) takes the usual attribute path."""
+    ``nn.Module.__getattr__`` fallback measured ~1 us per access alone and up to ~5 us inside the forward (scratch
+    timings; the whole step is benchmarks/bench_overhead.py). A name that is not a registered parameter (a
+    parametrization, FSDP's flat-parameter views) takes the usual attribute path."""
     param = container._parameters.get(name)
     return param if param is not None else getattr(container, name)
 
