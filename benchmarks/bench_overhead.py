@@ -30,6 +30,8 @@ src/peft_hydra/functional.py) against the shipped one, each swapped in for the w
   adapter, on x flattened to (tokens, in): a Linear on 3-D input folds and unfolds it around its GEMM, two more ops
   and autograd nodes per layer);
 - ``3-D linears``: the base layer and the adapter's GEMMs all on (batch, seq, in);
+- ``parameters as module attributes``: A, the router and B read as ``A.weight`` / ``hydra_B[name]`` (through
+  ``nn.Module.__getattr__``) instead of from ``_parameters`` (``layer._param``);
 - ``broadcast-multiply head mix``: the gates x ``A x`` outer product as a broadcast multiply (previous; still used
   under torch.compile, where it fuses) instead of a batched GEMM (``bmm``, shipped for eager: its backward is two
   batched GEMMs instead of two multiplies and two reductions);
@@ -148,7 +150,7 @@ def _forward_3d(adapter_3d: bool) -> Callable:
                 gates = HF.softmax_gates(F.linear(x, W))
                 delta = F.linear((gates.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2), B.view(out_features, n * r))
             else:
-                delta = self._adapter_delta(adapter, x, scaled=False).view_as(result)
+                delta = self._adapter_delta(adapter, x.reshape(-1, x.shape[-1]), scaled=False).view_as(result)
             result = torch.add(result, delta, alpha=self.scaling[adapter])
         return result
 
@@ -171,6 +173,16 @@ def swapped(choice: Optional[str]):
             yield
         finally:
             HF.FUSED_ROUTER_MIN_ELEMENTS = threshold
+        return
+    if choice == "parameters as module attributes":
+        from peft_hydra import layer
+
+        shipped = layer._param
+        layer._param = getattr  # A.weight, router.weight, hydra_B[name] through nn.Module.__getattr__
+        try:
+            yield
+        finally:
+            layer._param = shipped
         return
     if choice in ("base layer on (batch, seq, in)", "3-D linears"):
         from peft_hydra.layer import Linear
@@ -225,7 +237,8 @@ def make_methods(args) -> dict[str, tuple[nn.Module, Optional[str], bool]]:
         dense = methods["HydraLoRA r=8 N=3"][0]
         top2 = hydra(top_k=2)
         for choice in ("fused A|router GEMM", "base layer on (batch, seq, in)", "3-D linears",
-                       "broadcast-multiply head mix", "head mix as autograd.Function"):  # fmt: skip
+                       "parameters as module attributes", "broadcast-multiply head mix",
+                       "head mix as autograd.Function"):  # fmt: skip
             methods[f"  alt: {choice}"] = (dense, choice, False)
         methods["  alt: top-k renormalise (top-2)"] = (top2, "top-k renormalise", False)
     for model, _, _ in methods.values():

@@ -93,8 +93,8 @@ def _mix(h: torch.Tensor, gates: Optional[torch.Tensor], B: torch.Tensor, scalin
         g = g * scaling
     if g.dim() == 2 and h.shape[-2] == 1 and not torch.compiler.is_compiling():
         # per-token gates on a shared A, (T, N) x (T, 1, r): the outer product as a batched GEMM, whose backward is
-        # two batched GEMMs instead of two multiplies and two reductions: measured ~2% faster per step in the
-        # host-bound case (benchmarks/bench_overhead.py --choices), the same at 1024 tokens. Under torch.compile
+        # two batched GEMMs instead of two multiplies and two reductions: in the host-bound step of
+        # benchmarks/bench_overhead.py --choices 0.5-2% faster than the multiply (between runs). Under torch.compile
         # the pointwise multiply below is kept: it fuses with its neighbours, a bmm does not.
         gated = torch.bmm(g.unsqueeze(-1), h)
     else:
@@ -162,12 +162,11 @@ def delta_2d(
     and one GEMM. The router shares A's GEMM over x (a per-forward ``cat`` of the two weights) when x has at least
     :data:`FUSED_ROUTER_MIN_ELEMENTS` elements, and runs as its own GEMM below that (see the constant).
     """
-    n = B.shape[1]
+    n, r = B.shape[1], B.shape[2]
     logits = None
     if dropout is not None:
         if dropout_per_head and n > 1:
             xd = dropout(x.unsqueeze(1).expand(-1, n, -1))  # (T, N, in): one mask per head
-            r = B.shape[2]
             h = F.linear(xd, A) if A.shape[0] == r else torch.einsum("tni,nri->tnr", xd, A.view(n, r, -1))
         else:
             h = F.linear(dropout(x), A)  # (T, r) or (T, N*r)
@@ -199,7 +198,7 @@ def delta_2d(
             gates = top_k_softmax(logits, top_k, temperature)
             probs = softmax_gates(logits, temperature) if need_probs else None
     if gates is not None and h.dim() == 2:
-        h = h.unsqueeze(-2) if A.shape[0] == B.shape[2] else h.view(-1, n, B.shape[2])
+        h = h.unsqueeze(-2) if A.shape[0] == r else h.view(-1, n, r)
     return _mix(h, gates, B, scaling), gates, probs
 
 

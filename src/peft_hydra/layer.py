@@ -32,12 +32,17 @@ def _in_backward() -> bool:
 
 
 def _param(container: nn.Module, name: str) -> torch.Tensor:
-    """``getattr(container, name)`` for a registered parameter, read from ``_parameters`` directly: the usual
-    ``nn.Module.__getattr__`` fallback measured ~1 us per access alone and up to ~5 us inside the forward (scratch
-    timings; the whole step is benchmarks/bench_overhead.py). A name that is not a registered parameter (a
-    parametrization, FSDP's flat-parameter views) takes the usual attribute path."""
+    """``getattr(container, name)`` for a registered parameter, read from ``_parameters`` directly instead of through
+    the ``nn.Module.__getattr__`` fallback (a failed normal lookup, then a Python call, on every access: timed as the
+    "parameters as module attributes" alternative of ``benchmarks/bench_overhead.py --choices``). A name that is not
+    a registered parameter (a parametrization, FSDP's flat-parameter views) takes the usual attribute path."""
     param = container._parameters.get(name)
     return param if param is not None else getattr(container, name)
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """x (..., in) as (tokens, in): the 2-D layout the base GEMM and the adapter run in (see ``forward``)."""
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
 
 
 def _new_accumulator(num_experts: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,8 +146,7 @@ class HydraLoraLayer(BaseTunerLayer):
 
     # ----------------------------------------------------------------------------------------------- forward
     def _adapter_delta(self, adapter: str, x: torch.Tensor, record: bool = True, scaled: bool = True) -> torch.Tensor:
-        """The update ``scaling * sum_i g_i B_i A x`` of ``adapter`` for input ``x`` (..., in), as a 2-D (tokens, out)
-        tensor.
+        """The update ``scaling * sum_i g_i B_i A x`` of ``adapter`` for tokens ``x`` (tokens, in) -> (tokens, out).
 
         ``record``: keep the router outputs for the balance loss (``router_aux_loss_coef > 0``) and accumulate the
         router statistics while collection is on. ``scaled=False`` leaves the LoRA scaling to the caller (the
@@ -162,7 +166,7 @@ class HydraLoraLayer(BaseTunerLayer):
             record = False
         x = self._cast_input_dtype(x, A.dtype)
         delta, gates, probs = HF.delta_2d(
-            x if x.dim() == 2 else x.reshape(-1, x.shape[-1]),
+            x,
             A,
             _param(modules["hydra_B"], adapter),
             self.scaling[adapter] if scaled else 1.0,
@@ -206,7 +210,7 @@ class HydraLoraLayer(BaseTunerLayer):
         # The base layer and the adapters run on the tokens flattened to 2-D (one view of x, one of the result): a
         # Linear on (batch, seq, in) folds and unfolds its input around the GEMM and records two more autograd nodes
         # (benchmarks/bench_overhead.py). The base layer is a Linear or Conv1D (model.py), for which it is the same.
-        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        x2 = _tokens(x)
         result = modules["base_layer"](x2, *args, **kwargs)
         adapters = modules["hydra_A"]._modules
         for adapter in self.active_adapters:
@@ -230,8 +234,8 @@ class HydraLoraLayer(BaseTunerLayer):
             if adapter == "__base__" or adapter not in self.hydra_A:
                 continue
             index = [i for i, name in enumerate(adapter_names) if name == adapter]
-            sub = result[index]
-            result[index] = sub + self._adapter_delta(adapter, x[index], record=False).view_as(sub).to(result.dtype)
+            delta = self._adapter_delta(adapter, _tokens(x[index]), record=False)
+            result[index] += delta.view(-1, *result.shape[1:]).to(result.dtype)
         return result
 
     # ------------------------------------------------------------------------------------------------ merge
