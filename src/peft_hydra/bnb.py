@@ -19,9 +19,9 @@ import warnings
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ._compat import BaseTunerLayer
 from .config import HydraLoraConfig
 from .layer import Linear
 
@@ -154,14 +154,14 @@ class Linear8bitLt(_BnbLinear):
     bits = 8
 
     def _dequantize(self) -> torch.Tensor:
-        from peft.utils.integrations import dequantize_bnb_weight
+        from ._compat import dequantize_bnb_weight
 
         base = self.get_base_layer()
         if base.weight.dtype != torch.int8:  # has_fp16_weights=True: the weight is kept in float
             return base.weight.data
         if base.state.SCB is None:
             base.state.SCB = base.weight.SCB
-        return dequantize_bnb_weight(base.weight, state=base.state)
+        return dequantize_bnb_weight()(base.weight, state=base.state)
 
     def _requantize(self, weight: torch.Tensor) -> None:
         import bitsandbytes as bnb

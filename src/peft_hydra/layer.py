@@ -15,12 +15,10 @@ import warnings
 from typing import Any, Optional, Sequence
 
 import torch
-from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
-from peft.utils.other import transpose
 from torch import nn
 
 from . import functional as HF
+from ._compat import BaseTunerLayer, BufferDict, _get_in_out_features, check_adapters_to_merge, transpose
 from .config import HydraLoraConfig, no_exact_merge_message, resolve_gates
 
 

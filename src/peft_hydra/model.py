@@ -7,11 +7,10 @@ from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_tuner_state_dict_key_prefixes
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from peft.utils.other import get_pattern_key
 from torch import nn
 
+from . import _compat
+from ._compat import BaseTuner, BaseTunerLayer, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_pattern_key
 from .config import (
     LLAMA_LIKE_MODEL_TYPES,
     LLAMA_LIKE_TARGET_MODULES,
@@ -285,12 +284,51 @@ class HydraLoraModel(BaseTuner):
             for module, state in saved:
                 module._restore_router_stats_state(state)
 
-    # --------------------------------------------------------------------------------- strict loading
+    # ------------------------------------------------------------------------- saving and strict loading
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """peft >= 0.21 calls this on every adapter load: the strict check runs here."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         check_adapter_state_dict(model, config, adapter_name, remapped)
         return remapped
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """peft < 0.21 never calls the tuner on load: the strict check runs when ``set_peft_model_state_dict``
+        (every ``from_pretrained`` / ``load_adapter``) loads this tuner's part of the PeftModel."""
+        loading = _compat.enclosing_peft_load()
+        if loading is not None:
+            model, adapter_name = loading
+            config = getattr(model, "peft_config", {}).get(adapter_name)
+            if isinstance(config, HydraLoraConfig) and getattr(model, "base_model", None) is self:
+                check_adapter_state_dict(model, config, adapter_name, state_dict)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """peft < 0.20 saves every adapter's tensors into each adapter's file: while ``get_peft_model_state_dict``
+        reads the state dict for one adapter, leave the other adapters' tensors out (what peft >= 0.20 does)."""
+        result = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        saving = _compat.enclosing_peft_save()
+        if saving is not None and getattr(saving[0], "base_model", None) is self:
+            others = [name for name in self.peft_config if name != saving[1]]
+            drop = set()
+            for other in others:
+                drop |= {prefix + p for p in _compat.tuner_state_dict_key_prefixes(self, adapter_name=other)}
+            for key in [k for k in result if k.startswith(prefix)]:
+                if any(key == p or key.startswith(p + ".") for p in drop):
+                    del result[key]
+        return result
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT upcasts fp16/bf16 adapter weights to fp32 here; peft 0.21.1+ re-creates ParameterDict entries
+        (``hydra_B``) as new, trainable Parameters. Every tensor keeps its ``requires_grad``, so that an adapter
+        loaded for inference, or added inactive, stays frozen."""
+        layers = [m for _, m in self._hydra_layers()]
+        before = [{n: p.requires_grad for n, p in m.named_parameters()} for m in layers]
+        super()._cast_adapter_dtype(adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        for module, flags in zip(layers, before):
+            for name, param in module.named_parameters():
+                if name in flags and param.requires_grad != flags[name]:
+                    param.requires_grad_(flags[name])
 
 
 def check_adapter_state_dict(model: nn.Module, config: HydraLoraConfig, adapter_name: str, state_dict: dict) -> None:
@@ -300,7 +338,7 @@ def check_adapter_state_dict(model: nn.Module, config: HydraLoraConfig, adapter_
     non-strict. Here every ``hydra_`` tensor of the adapter must be present with the right shape, and no unknown
     ``hydra_`` tensor may be left over.
     """
-    prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+    prefixes = _compat.tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
     expected = {
         k: v.shape
         for k, v in model.state_dict().items()
@@ -320,7 +358,7 @@ def check_adapter_state_dict(model: nn.Module, config: HydraLoraConfig, adapter_
     if not (missing or unexpected or mismatched):
         return
     def file_key(key: str) -> str:  # the key as stored in adapter_model.safetensors (adapter name stripped)
-        return HydraLoraModel._remove_adapter_name_from_key(key, adapter_name)
+        return _compat.remove_adapter_name_from_key(HydraLoraModel, key, adapter_name)
 
     lines = [f"The HydraLoRA checkpoint for adapter '{adapter_name}' does not match its config:"]
     for title, keys in (("missing", missing), ("unexpected", unexpected)):
