@@ -28,6 +28,8 @@ LLAMA_LIKE_MODEL_TYPES = (
 )  # fmt: skip
 
 ROUTER_INPUTS = ("x", "a")
+#: The values of ``HydraLoraConfig.head_init`` (see its docstring and ``functional.init_heads``).
+HEAD_INITS = ("zero", "centered", "orthogonal")
 
 
 @dataclass
@@ -59,8 +61,8 @@ class HydraLoraConfig(PeftConfig):
         use_rslora (`bool`): Rank-stabilised scaling ``lora_alpha / sqrt(r)``.
         rank_pattern (`dict`): Per-module rank overrides, ``{regex_or_name: r}``.
         alpha_pattern (`dict`): Per-module alpha overrides, ``{regex_or_name: alpha}``.
-        init_weights (`bool`): True (default): ``A`` Kaiming-uniform, every ``B_i`` zero (the adapter starts as the
-            identity), router ``nn.Linear`` default init. False: ``B`` random too (only for tests).
+        init_weights (`bool`): True (default): ``A`` Kaiming-uniform, the ``B_i`` as ``head_init`` says (zero by
+            default: the adapter starts as the identity), router ``nn.Linear`` default init (or ``router_init_std``). False: ``B`` random too (only for tests).
         router_input (`str`): What the router sees. ``"x"`` (default, the authors' code): the layer input, router
             in -> N. ``"a"`` (the paper's description): ``A dropout(x)``, router r -> N.
         top_k (`int | None`): None: dense softmax gates. k: keep the k largest gates per token, renormalised to sum 1.
@@ -77,6 +79,44 @@ class HydraLoraConfig(PeftConfig):
             is computed once. True: every head draws its own mask, as the authors' per-head loop does
             (``sum_i w_i B_i A dropout_i(x)``); costs N times the ``A`` GEMM in training (no effect in eval mode or
             with ``lora_dropout=0``).
+        head_init (`str`): How the N ``B`` heads start (cold-start remedies; the default keeps the paper's init).
+
+            - ``"zero"`` (default, the authors' code and the paper): every head zero, so the adapter starts as the
+              identity. The heads are then symmetric: the router's weight gets exactly zero gradient on the first
+              step (the output does not depend on the gates while every head is zero), and under a near-uniform
+              router every head gets the same gradient up to its gate, so the router gets next to no signal to
+              separate them (the "cold-start deadlock" described by Ortho-Hydra, arXiv 2605.03252).
+            - ``"centered"``: small random heads minus their mean over the heads (``functional.centered_heads``):
+              ``B_i = s * (G_i - mean_j G_j) * sqrt(N / (N - 1))`` with ``G`` standard normal and ``s =
+              head_init_std`` (every entry then has standard deviation ``s``). Since ``sum_i B_i = 0`` the initial
+              update ``scaling * sum_i g_i B_i A x = scaling * sum_i (g_i - 1/N) B_i A x`` is exactly zero under
+              uniform gates and of order ``s * |g - 1/N|`` otherwise, while the heads differ from step 1, so the
+              router gets a gradient from step 1. The multi-head random initialisation of R-LoRA (arXiv
+              2502.15455), centred so that the model starts where the zero init does (R-LoRA's heads are not
+              centred; anima_lora's "Gaussian jitter" mitigation is the same idea).
+            - ``"orthogonal"``: heads writing to disjoint, mutually orthogonal output subspaces
+              (``functional.orthogonal_heads``): ``Q`` (out x N*r) with orthonormal columns (QR of a Gaussian
+              matrix), head i = columns ``i*r .. (i+1)*r - 1``, then centred as above and scaled so that every
+              entry has root-mean-square ``head_init_std``: ``B_i = c (Q_i - mean_j Q_j)``, ``c = s * sqrt(out * N /
+              (N - 1))``. Initial output as for ``"centered"`` (exactly zero under uniform gates); the differences
+              ``B_i - B_j = c (Q_i - Q_j)`` lie in disjoint subspaces and every pair of heads has cosine exactly
+              ``-1/(N-1)`` (the most dissimilar N heads that sum to zero; for N = 2, ``B_2 = -B_1``). After
+              Ortho-Hydra's disjoint per-expert output subspaces (anima_lora, github.com/sorryhyun/anima_lora), which
+              carve them from the pretrained weight's top singular vectors; here they are random. Needs
+              ``out_features >= num_experts * r`` in every adapted layer.
+
+            With ``share_a=False`` (one ``A_i`` per head) the centred heads do not cancel (``sum_i B_i A_i x != 0``):
+            the initial output is then small (of order ``head_init_std``) but not zero.
+        head_init_std (`float`): ``s`` above, the scale of the non-zero head inits (> 0; not used by ``"zero"``).
+        router_init_std (`float | None`): None (default): the router keeps ``nn.Linear``'s default init
+            (Kaiming-uniform, the authors'). A float: router weight ~ normal(0, router_init_std) (0 = all zero:
+            exactly uniform gates at the start). A small std starts the router near uniform, as the small-std router
+            inits of MoE layers (Switch Transformer, arXiv 2101.03961) and anima_lora do. Needs a learned router.
+        router_aux_loss_warmup_steps (`int`): 0 (default): no warm-up. K > 0: the balance-loss coefficient ramps
+            linearly from 0 at optimizer step 0 to ``router_aux_loss_coef`` at step K
+            (``functional.aux_loss_warmup_coef``), so that the loss does not pin the gates to uniform before the
+            heads have differentiated. The step is passed as ``model.hydra_aux_loss(step=...)``;
+            ``peft_hydra.prepare_trainer`` passes ``trainer.state.global_step``. Needs ``router_aux_loss_coef > 0``.
     """
 
     r: int = field(default=8, metadata={"help": "Rank of the shared A and of each B head."})
@@ -118,6 +158,19 @@ class HydraLoraConfig(PeftConfig):
     dropout_per_head: bool = field(
         default=False,
         metadata={"help": "True: every head draws its own dropout mask on x (the authors' per-head loop)."},
+    )
+    head_init: str = field(
+        default="zero",
+        metadata={"help": "'zero' (paper), 'centered' (small random heads minus their mean) or 'orthogonal'."},
+    )
+    head_init_std: float = field(
+        default=0.01, metadata={"help": "Scale (entry std / RMS) of the 'centered' and 'orthogonal' head inits."}
+    )
+    router_init_std: Optional[float] = field(
+        default=None, metadata={"help": "None: nn.Linear default router init; a float: normal(0, std)."}
+    )
+    router_aux_loss_warmup_steps: int = field(
+        default=0, metadata={"help": "Ramp the balance-loss coefficient from 0 over this many optimizer steps."}
     )
     target_parameters: Optional[list[str]] = field(
         default=None, metadata={"help": "Not supported by HydraLoRA; must stay None."}
@@ -191,6 +244,7 @@ class HydraLoraConfig(PeftConfig):
                 "head sees its own A dropout_i(x), so there is no single A x for the router. Use router_input='x' (the "
                 "authors' setting, which dropout_per_head reproduces) or dropout_per_head=False."
             )
+        self._validate_init()
         if self.num_experts == 1 and self.router_aux_loss_coef > 0:
             raise ValueError("HydraLoraConfig.router_aux_loss_coef > 0 needs num_experts >= 2 (N=1 has no router).")
         if self.target_parameters is not None:
@@ -201,6 +255,51 @@ class HydraLoraConfig(PeftConfig):
             raise ValueError("HydraLoraConfig.layers_pattern cannot be used when target_modules is a regex str.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("HydraLoraConfig.layers_pattern needs layers_to_transform to be set too.")
+
+    def _validate_init(self) -> None:
+        """The cold-start options: head_init, head_init_std, router_init_std, router_aux_loss_warmup_steps."""
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(
+                f"HydraLoraConfig.head_init must be one of {HEAD_INITS} ('zero': the paper's zero heads, 'centered': "
+                f"small random heads minus their mean, 'orthogonal': centred heads in disjoint subspaces), got "
+                f"{self.head_init!r}."
+            )
+        std = self.head_init_std
+        if isinstance(std, bool) or not isinstance(std, (int, float)) or not (math.isfinite(std) and std > 0):
+            raise ValueError(f"HydraLoraConfig.head_init_std must be a finite number > 0, got {std!r}.")
+        if self.head_init != "zero":
+            if self.num_experts == 1:
+                raise ValueError(
+                    f"HydraLoraConfig.head_init={self.head_init!r} needs num_experts >= 2: with one head the centred "
+                    "init is zero (and there is no router to start). Use head_init='zero'."
+                )
+            if not self.init_weights:
+                raise ValueError(
+                    f"HydraLoraConfig.head_init={self.head_init!r} conflicts with init_weights=False (random B for "
+                    "tests): keep init_weights=True with a non-zero head_init."
+                )
+        rstd = self.router_init_std
+        if rstd is not None:
+            if isinstance(rstd, bool) or not isinstance(rstd, (int, float)) or not (math.isfinite(rstd) and rstd >= 0):
+                raise ValueError(
+                    f"HydraLoraConfig.router_init_std must be None (nn.Linear's default init) or a finite number >= 0,"
+                    f" got {rstd!r}."
+                )
+            if not self.has_router:
+                raise ValueError(
+                    "HydraLoraConfig.router_init_std is set but the adapter has no learned router (num_experts=1 or "
+                    "fixed_gates): set router_init_std=None."
+                )
+        warm = self.router_aux_loss_warmup_steps
+        if isinstance(warm, bool) or not isinstance(warm, int) or warm < 0:
+            raise ValueError(
+                f"HydraLoraConfig.router_aux_loss_warmup_steps must be an integer >= 0 (0 = off), got {warm!r}."
+            )
+        if warm > 0 and not self.router_aux_loss_coef > 0:
+            raise ValueError(
+                "HydraLoraConfig.router_aux_loss_warmup_steps > 0 ramps up the balance loss, which is off: set "
+                "router_aux_loss_coef > 0 (e.g. 0.001) or router_aux_loss_warmup_steps=0."
+            )
 
     @property
     def has_router(self) -> bool:

@@ -11,6 +11,7 @@ Shapes: ``x`` is (..., in); ``h = A x`` is (..., r) with a shared A, or (..., N*
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -255,3 +256,71 @@ def load_balancing_losses(probs: torch.Tensor, gates: torch.Tensor, top_k: Optio
 def gate_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Per-token entropy of the router distribution (nats), shape (...,)."""
     return torch.special.entr(probs).sum(dim=-1)
+
+
+# ------------------------------------------------------------------------------ cold-start initialisation
+def centered_heads(
+    out_features: int, num_experts: int, r: int, std: float, *, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """Random heads (out, N, r) that sum to zero over the heads (``head_init="centered"``).
+
+    ``B_i = std * (G_i - mean_j G_j) * sqrt(N / (N - 1))`` with ``G`` standard normal: every entry has standard
+    deviation ``std`` and ``sum_i B_i = 0``, so ``sum_i g_i B_i = sum_i (g_i - 1/N) B_i`` vanishes for uniform gates.
+    """
+    if num_experts < 2:
+        raise ValueError(f"centered heads need num_experts >= 2 (one centred head is zero), got {num_experts}.")
+    g = torch.randn(out_features, num_experts, r, generator=generator)
+    g = g - g.mean(dim=1, keepdim=True)
+    return g * (std * math.sqrt(num_experts / (num_experts - 1)))
+
+
+def orthogonal_heads(
+    out_features: int, num_experts: int, r: int, std: float, *, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """Centred heads (out, N, r) built from disjoint orthonormal output subspaces (``head_init="orthogonal"``).
+
+    ``Q`` (out, N*r) has orthonormal columns (QR of a Gaussian matrix); ``Q_i`` is its i-th block of r columns;
+    ``B_i = c (Q_i - mean_j Q_j)`` with ``c = std * sqrt(out * N / (N - 1))``, so that every entry has root mean
+    square ``std`` and ``sum_i B_i = 0``. The differences ``B_i - B_j = c (Q_i - Q_j)`` lie in disjoint subspaces, and
+    every pair of (flattened) heads has cosine exactly ``-1 / (N - 1)``. Needs ``out >= N * r``.
+    """
+    if num_experts < 2:
+        raise ValueError(f"orthogonal heads need num_experts >= 2 (one centred head is zero), got {num_experts}.")
+    if out_features < num_experts * r:
+        raise ValueError(
+            f"orthogonal heads need out_features >= num_experts * r ({num_experts} x {r} = {num_experts * r} "
+            f"orthogonal columns), got out_features={out_features}."
+        )
+    gauss = torch.randn(out_features, num_experts * r, generator=generator, dtype=torch.float64)
+    q, upper = torch.linalg.qr(gauss)
+    q = q * torch.sign(torch.diagonal(upper)).unsqueeze(0)  # the unique QR with a positive diagonal: Haar-distributed
+    heads = q.view(out_features, num_experts, r)
+    heads = heads - heads.mean(dim=1, keepdim=True)
+    return (heads * (std * math.sqrt(out_features * num_experts / (num_experts - 1)))).float()
+
+
+def init_heads(
+    kind: str, out_features: int, num_experts: int, r: int, std: float, *, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """The initial heads (out, N, r) for ``HydraLoraConfig.head_init`` = ``kind`` ("zero", "centered", "orthogonal")."""
+    if kind == "zero":
+        return torch.zeros(out_features, num_experts, r)
+    if kind == "centered":
+        return centered_heads(out_features, num_experts, r, std, generator=generator)
+    if kind == "orthogonal":
+        return orthogonal_heads(out_features, num_experts, r, std, generator=generator)
+    raise ValueError(f"head_init must be 'zero', 'centered' or 'orthogonal', got {kind!r}.")
+
+
+def aux_loss_warmup_coef(coef: float, step: Optional[int], warmup_steps: int) -> float:
+    """The balance-loss coefficient at optimizer step ``step``: ``coef * min(1, step / warmup_steps)`` (a linear ramp
+    from 0 at step 0; ``coef`` itself when ``warmup_steps`` is 0)."""
+    if warmup_steps <= 0:
+        return coef
+    if step is None:
+        raise ValueError(
+            f"router_aux_loss_warmup_steps={warmup_steps} ramps the balance loss with the optimizer step: pass it, "
+            "model.base_model.hydra_aux_loss(step=optimizer_steps_done) (peft_hydra.prepare_trainer passes "
+            "trainer.state.global_step)."
+        )
+    return coef * min(1.0, max(int(step), 0) / warmup_steps)

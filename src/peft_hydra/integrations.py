@@ -82,7 +82,8 @@ def hydra_compute_loss(trainer, model, inputs, return_outputs: bool = False, num
     tuner = unwrap_hydra_tuner(model)
     coef = tuner.peft_config[tuner.active_adapters[0]].router_aux_loss_coef
     if coef > 0 and model.training and torch.is_grad_enabled():
-        aux = tuner.hydra_aux_loss()
+        state = getattr(trainer, "state", None)
+        aux = tuner.hydra_aux_loss(step=getattr(state, "global_step", None))  # optimizer steps done: the warm-up
         if aux.requires_grad:
             state = trainer.__dict__.setdefault("_peft_hydra_aux", [])
             state.append(aux.detach())

@@ -127,20 +127,47 @@ class HydraLoraLayer(BaseTunerLayer):
             self.hydra_router[adapter_name] = nn.Linear(router_in, n, bias=False)
         elif n > 1:
             self.hydra_gates[adapter_name] = config.layer_gates(layer_name)
-        self.reset_hydra_parameters(adapter_name, config.init_weights)
+        if config.head_init == "orthogonal" and self.out_features < n * r:
+            raise ValueError(
+                f"HydraLoraConfig.head_init='orthogonal' needs out_features >= num_experts * r in every adapted layer; "
+                f"layer {layer_name or type(self.get_base_layer()).__name__} has out_features={self.out_features} < "
+                f"{n} x {r}. Use head_init='centered', a smaller r / num_experts, or exclude_modules for this layer."
+            )
+        self.reset_hydra_parameters(
+            adapter_name,
+            config.init_weights,
+            head_init=config.head_init,
+            head_init_std=config.head_init_std,
+            router_init_std=config.router_init_std,
+        )
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
-    def reset_hydra_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
-        """A Kaiming-uniform (as LoRA's A); B zero (identity start) or, with ``init_weights=False``, random."""
+    def reset_hydra_parameters(
+        self,
+        adapter_name: str,
+        init_weights: bool = True,
+        *,
+        head_init: str = "zero",
+        head_init_std: float = 0.01,
+        router_init_std: Optional[float] = None,
+    ) -> None:
+        """A Kaiming-uniform (as LoRA's A); B per ``head_init`` (:func:`functional.init_heads`; "zero": identity
+        start) or, with ``init_weights=False``, random; the router ``nn.Linear``'s default init, or normal(0,
+        ``router_init_std``). See :class:`~peft_hydra.HydraLoraConfig` for each option."""
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.hydra_A[adapter_name].weight, a=math.sqrt(5))
             B = self.hydra_B[adapter_name]
-            if init_weights:
-                B.zero_()
-            else:
+            if not init_weights:
                 bound = 1.0 / math.sqrt(B.shape[-1])
                 B.uniform_(-bound, bound)
+            elif head_init == "zero":
+                B.zero_()
+            else:
+                B.copy_(HF.init_heads(head_init, *B.shape, head_init_std))
+            router = self.hydra_router[adapter_name] if adapter_name in self.hydra_router else None
+            if router is not None and router_init_std is not None:
+                nn.init.normal_(router.weight, 0.0, router_init_std)
 
     # ----------------------------------------------------------------------------------------------- forward
     def _adapter_delta(self, adapter: str, x: torch.Tensor, record: bool = True, scaled: bool = True) -> torch.Tensor:

@@ -195,16 +195,21 @@ class HydraLoraModel(BaseTuner):
     def _hydra_layers(self):
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, HydraLoraLayer)]
 
-    def hydra_aux_loss(self, adapter_name: Optional[str] = None) -> torch.Tensor:
+    def hydra_aux_loss(self, adapter_name: Optional[str] = None, step: Optional[int] = None) -> torch.Tensor:
         """``router_aux_loss_coef`` x the mean Switch balance loss over the routed layers, from the last forward.
 
         Returns a 0-dim tensor (0 when the coefficient is 0 or nothing was routed). Add it to the task loss before
         ``backward()``; ``peft_hydra.integrations`` does it for ``transformers.Trainer``. With gradient
         checkpointing use ``use_reentrant=False`` (transformers' default): the reentrant variant runs the forward
         without grad, so the loss would carry no gradient to the routers.
+
+        ``step``: the number of optimizer steps done so far; needed (and only used) with
+        ``router_aux_loss_warmup_steps`` > 0, which ramps the coefficient linearly from 0 at step 0 to its full
+        value at that step (``functional.aux_loss_warmup_coef``).
         """
         adapter_name = self._known_adapter(adapter_name)
-        coef = self.peft_config[adapter_name].router_aux_loss_coef
+        config = self.peft_config[adapter_name]
+        coef = config.router_aux_loss_coef
         layers = [m for _, m in self._hydra_layers() if adapter_name in m.hydra_router]
         if coef > 0 and any(not m._keep_router_out.get(adapter_name, False) for m in layers):
             raise ValueError(
@@ -212,6 +217,7 @@ class HydraLoraModel(BaseTuner):
                 "its layers do not keep the router outputs the balance loss needs. Set router_aux_loss_coef in the "
                 "HydraLoraConfig passed to get_peft_model."
             )
+        coef = HF.aux_loss_warmup_coef(coef, step, config.router_aux_loss_warmup_steps)
         # the layers' router outputs grouped by shape, each group's losses computed in one batch (same values as
         # the per-layer HydraLoraLayer.aux_loss, a handful of kernels per group instead of per layer)
         groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
