@@ -1,5 +1,5 @@
-"""The ``peft-hydra`` command: ``convert`` (authors' checkpoints, core install) and the comparison harness's
-``compare`` / ``report`` / ``analyze`` (the ``[compare]`` extra)."""
+"""The ``peft-hydra`` command: ``convert`` (authors' checkpoints, core install), ``train`` (TRL SFTTrainer, the
+``[train]`` extra) and the comparison harness's ``compare`` / ``report`` / ``analyze`` (the ``[compare]`` extra)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ def missing_compare_extra() -> list[str]:
 
     return [dist for module, dist in COMPARE_EXTRA.items() if importlib.util.find_spec(module) is None]
 
-USAGE = """usage: peft-hydra {convert,compare,report,analyze} ...
+USAGE = """usage: peft-hydra {convert,train,compare,report,analyze} ...
 
   convert   convert a checkpoint of the HydraLoRA authors' code into a PEFT HydraLoRA adapter
+  train     fine-tune a causal LM with a HydraLoRA adapter (TRL SFTTrainer)            (needs the [train] extra)
   compare   train HydraLoRA, LoRA, LoHa, LoKr, ... side by side and write a report   (needs the [compare] extra)
   report    rewrite a comparison's results.md and plots from its results.json        (needs the [compare] extra)
   analyze   the paper's Observation II: are the A matrices alike and the B different? (needs the [compare] extra)
@@ -38,6 +39,10 @@ def main(argv=None) -> int:
         from .convert import main as convert_main
 
         return convert_main(argv[1:])
+    if command == "train":
+        from .sft import main as train_main
+
+        return train_main(argv[1:])
     if command not in HARNESS_COMMANDS:
         print(f"peft-hydra: unknown command {command!r}.\n\n{USAGE}", file=sys.stderr)
         return 2
