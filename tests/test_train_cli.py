@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 
@@ -22,6 +23,8 @@ pytest.importorskip("datasets")
 from conftest import make_tiny_llama  # noqa: E402
 
 from peft_hydra import HydraLoraConfig, sft  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: A chat template without generation markers, enough for TRL's conversational formats.
 CHAT_TEMPLATE = (
@@ -97,29 +100,44 @@ def _options(base, data, out, *extra):
 def _script():
     """The installed console script (`peft-hydra`), else the module."""
     script = os.path.join(os.path.dirname(sys.executable), "peft-hydra")
-    return [script] if os.path.exists(script) else [sys.executable, "-m", "peft_hydra.cli"]
+    return [script] if os.path.exists(script) else ["-m", "peft_hydra.cli"]
 
 
-def test_train_command_end_to_end(base_dir, data_file, tmp_path):
-    """Console script, fresh interpreter: trains, logs router statistics, saves adapter + card + tokenizer, reloads."""
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_train_command_end_to_end_under_accelerate_ddp(base_dir, data_file, tmp_path):
+    """`accelerate launch --config_file configs/accelerate_ddp.yaml peft-hydra train ...` with 2 CPU processes (gloo),
+    the installed console script, fresh interpreters: trains, logs router statistics, saves adapter + card +
+    tokenizer, reloads."""
     pytest.importorskip("sklearn")
+    pytest.importorskip("accelerate")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import peft_hydra
 
+    shipped = open(os.path.join(ROOT, "configs", "accelerate_ddp.yaml")).read()
+    assert "\nuse_cpu: false\n" in shipped
+    launch_config = tmp_path / "ddp_cpu.yaml"  # the shipped DDP config, with its documented CPU setting
+    launch_config.write_text(shipped.replace("\nuse_cpu: false\n", "\nuse_cpu: true\n"))
     out = tmp_path / "adapter"
-    cmd = _script() + ["train", "--model", base_dir, "--data", data_file, "--output-dir", str(out),
-                       "--num-experts", "auto", "--router-aux-loss-coef", "0.01", "--target-modules", "q_proj,v_proj,up_proj",
-                       "--max-steps", "12", "--batch-size", "8", "--lr", "3e-2", "--lr-scheduler-type", "constant",
-                       "--logging-steps", "2", "--max-length", "64", "--seed", "0"]  # fmt: skip
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config),
+           "--main_process_port", str(_free_port()), *_script(), "train", "--model", base_dir, "--data", data_file,
+           "--output-dir", str(out), "--num-experts", "auto", "--router-aux-loss-coef", "0.01",
+           "--target-modules", "q_proj,v_proj,up_proj", "--max-steps", "6", "--batch-size", "4", "--lr", "3e-2",
+           "--lr-scheduler-type", "constant", "--logging-steps", "1", "--max-length", "64", "--seed", "0"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "loss on the answer tokens only" in proc.stdout
 
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["steps"] == 12
+    assert "2 process(es), DISTRIBUTED" in proc.stdout  # data parallel, not two separate trainings
+    assert summary["steps"] == 6 and summary["log_history"][0]["epoch"] == pytest.approx(8 / 48)  # 2 ranks x 4
     losses = summary["losses"]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-2:]) < sum(losses[:2]), losses  # it learns (answer tokens of 3 simple tasks)

@@ -479,6 +479,14 @@ def _device_map():
     return {"": "cpu"}
 
 
+def _has_accelerator() -> bool:
+    import torch
+
+    if hasattr(torch, "accelerator"):  # torch >= 2.6
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available() or torch.backends.mps.is_available()
+
+
 def _warmup(ratio: float) -> dict[str, float]:
     """transformers 5 takes the warm-up ratio as ``warmup_steps`` (a float in [0, 1)); 4.x has ``warmup_ratio``."""
     import dataclasses
@@ -490,7 +498,6 @@ def _warmup(ratio: float) -> dict[str, float]:
 
 
 def sft_config(options: dict[str, Any], completion_only: Optional[bool]):
-    import torch
     from trl import SFTConfig
 
     return SFTConfig(
@@ -506,8 +513,9 @@ def sft_config(options: dict[str, Any], completion_only: Optional[bool]):
         max_length=int(options["max_length"]),
         seed=int(options["seed"]),
         bf16=bool(options["bf16"]),  # TRL's SFTConfig defaults to bf16=True; the command decides
-        # transformers refuses bf16 without a GPU unless told that the CPU is meant (CPU autocast does bf16)
-        use_cpu=bool(options["bf16"]) and not torch.cuda.is_available() and not torch.backends.mps.is_available(),
+        # Without an accelerator say so: transformers then accepts bf16 (CPU autocast) and, under a launcher (accelerate
+        # launch / torchrun with WORLD_SIZE > 1), sets up CPU data parallelism (gloo) instead of one process per rank.
+        use_cpu=not _has_accelerator(),
         gradient_checkpointing=bool(options["gradient_checkpointing"]),
         logging_steps=int(options["logging_steps"]),
         save_strategy="steps" if options["save_steps"] else "no",
@@ -561,7 +569,7 @@ def build_trainer(options: dict[str, Any]):
     targets = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
     log(f"adapter: HydraLoRA r={config.r} lora_alpha={config.lora_alpha} N={config.num_experts} on {n_layers} layers "
         f"({targets}), router_aux_loss_coef={config.router_aux_loss_coef}, {trainable} trainable parameters; preset "
-        f"{options['preset']}")  # fmt: skip
+        f"{options['preset']}; {trainer.args.world_size} process(es), {trainer.args.parallel_mode.name}")  # fmt: skip
     prepare_trainer(trainer)
     info = {"data": data_summary, "examples": len(dataset), "adapter_layers": n_layers,
             "trainable_parameters": trainable}  # fmt: skip
