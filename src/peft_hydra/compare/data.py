@@ -14,6 +14,8 @@ import re
 from collections import OrderedDict, defaultdict
 from typing import Any, Optional
 
+from .synthetic import SYNTHETIC_SOURCES
+
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
 
@@ -136,9 +138,14 @@ def load_source(src: dict, index: int) -> tuple[str, list[dict], bool]:
         raise DataConfigError(f"data.sources[{index}] has unknown key(s) {unknown}; allowed: {sorted(SOURCE_KEYS)}.")
     if "name" in src and "path" not in src and "dataset" not in src:
         name = src["name"]
+        if name in SYNTHETIC_SOURCES:
+            make, short = SYNTHETIC_SOURCES[name]
+            recs = [{k: r[k] for k in ("category", "split", "prompt", "answer")} for r in make()]
+            return name, recs, bool(src.get("short_answer", short))
         if name not in BUILTIN_SOURCES:
             raise DataConfigError(
-                f"data.sources[{index}]: unknown built-in source {name!r}; built-in: {sorted(BUILTIN_SOURCES)}, or "
+                f"data.sources[{index}]: unknown built-in source {name!r}; built-in: "
+                f"{sorted(BUILTIN_SOURCES) + sorted(SYNTHETIC_SOURCES)}, or "
                 "give `path:` (a JSONL) or `dataset:` (a Hugging Face dataset) with prompt_field/answer_field."
             )
         fname, fmt, short = BUILTIN_SOURCES[name]
@@ -198,6 +205,39 @@ def build_splits(data_cfg: dict, seed: int = 0) -> dict[str, list[dict]]:
         if not splits[split]:
             raise DataConfigError(f"The data config yields no {split} examples: check the per-category counts.")
     return splits
+
+
+def general_texts(n: int, used_prompts: list[str], min_chars: int = 300, seed: int = 0) -> list[str]:
+    """``n`` paragraphs of general text that no method trains on, for the forgetting measurement: the Wikipedia
+    paragraphs in the ``context`` fields of the shipped Dolly file (dolly8.jsonl), without any paragraph that occurs
+    in one of ``used_prompts`` (the train / val / eval prompts of the run), at least ``min_chars`` long, distinct,
+    in a fixed order shuffled by ``seed``."""
+    seen, texts = set(), []
+    for r in _read_jsonl(os.path.join(DATA_DIR, "dolly8.jsonl")):
+        ctx = (r.get("context") or "").strip()
+        if len(ctx) >= min_chars and ctx not in seen:
+            seen.add(ctx)
+            texts.append(ctx)
+    used = "\n\n".join(used_prompts)
+    texts = [t for t in texts if t not in used]
+    random.Random(f"general-{seed}").shuffle(texts)
+    if len(texts) < n:
+        raise DataConfigError(
+            f"forgetting: {n} general-text paragraphs were asked for, but only {len(texts)} Dolly contexts are not "
+            "used by the run's examples: lower `forgetting`."
+        )
+    return texts[:n]
+
+
+def tokenize_general(texts: list[str], tokenizer, max_length: int) -> list[dict]:
+    """General-text examples for the forgetting measurement: the whole paragraph is scored (``n_prompt`` = 1: every
+    token after the first is predicted), cut to ``max_length`` tokens."""
+    out = []
+    for j, t in enumerate(texts):
+        ids = tokenizer(t, add_special_tokens=False)["input_ids"][:max_length]
+        out.append({"id": f"general/{j}", "source": "general", "category": "general", "split": "general",
+                    "prompt": "", "answer": t, "short_answer": False, "input_ids": ids, "n_prompt": 1})  # fmt: skip
+    return out
 
 
 def tokenize(examples: list[dict], tokenizer, max_length: int, max_answer_tokens: int) -> list[dict]:

@@ -62,6 +62,8 @@ def run_record(spec, seed, lr, out, ev, eval_examples, budget_entry) -> dict[str
         rec["gen_accuracy_by_category"] = {k: _mean(v) for k, v in gen_cat.items()}
     if "router" in ev:
         rec["router_by_category"] = ev["router"]
+    if "routing" in ev:
+        rec["routing"] = ev["routing"]
     return rec
 
 
@@ -134,6 +136,60 @@ def paired_stats(results: dict, eval_examples: list[dict], reference: str, n_boo
     return out
 
 
+def forgetting_stats(results: dict, n_boot: int, seed: int = 0) -> dict:
+    """Per method: the change of the loss on general text (adapter on after training - base model before), per
+    paragraph averaged over seeds, mean with its percentile bootstrap 95% CI over paragraphs."""
+    fg = results.get("forgetting")
+    if not fg:
+        return {}
+    before = np.asarray(fg["before_example_losses"])
+    by: dict[str, list] = OrderedDict()
+    for r in results["runs"]:
+        if "general_example_losses" in r:
+            by.setdefault(r["method"], []).append(np.asarray(r["general_example_losses"]) - before)
+    out = OrderedDict()
+    for m, diffs in by.items():
+        d = np.stack(diffs).mean(0)
+        out[m] = {**bootstrap_mean(d, n_boot, seed), "per_seed": [float(x.mean()) for x in diffs]}
+    return out
+
+
+ROUTING_KEYS = ("mi_normalized_median", "mi_normalized_max", "token_entropy_median", "usage_entropy_median",
+                "head_abs_cosine_median", "head_subspace_median")  # fmt: skip
+
+
+def routing_stats(results: dict) -> dict:
+    """Per routed method: the routing report's summary figures (``peft_hydra.routing``) as mean and per-seed values,
+    dead heads, the normalised MI per layer (mean over seeds) and the health warnings by kind with their seeds."""
+    by: dict[str, list] = OrderedDict()
+    for r in results["runs"]:
+        if r.get("routing"):
+            by.setdefault(r["method"], []).append(r)
+    out = OrderedDict()
+    for m, rs in by.items():
+        row: dict[str, Any] = {"seeds": [r["seed"] for r in rs], "num_experts": rs[0]["routing"]["num_experts"]}
+        for k in ROUTING_KEYS:
+            vals = [r["routing"]["summary"].get(k) for r in rs]
+            row[k] = _mean(vals)
+            row[k + "_per_seed"] = vals
+        row["dead_heads"] = [r["routing"]["summary"]["dead_heads"] for r in rs]
+        row["heads"] = rs[0]["routing"]["summary"]["heads"]
+        names = list(rs[0]["routing"]["layers"])
+        row["mi_by_layer"] = {n: _mean([r["routing"]["layers"].get(n, {}).get("mi_normalized") for r in rs])
+                              for n in names}  # fmt: skip
+        health: dict[str, list] = {}
+        for r in rs:
+            for kind in r["routing"].get("health", {}):
+                health.setdefault(kind, []).append(r["seed"])
+        row["health"] = health
+        out[m] = row
+    return out
+
+
+HEALTH_WORDS = {"uniform": "the gates stay uniform (per-token gate entropy >= 0.98 of log N, median over layers)",
+                "collapse": "the routing collapses onto one head (largest mean gate >= 0.9, median over layers)"}
+
+
 def summarize(results: dict) -> dict:
     summ: dict[str, Any] = OrderedDict()
     for r in results["runs"]:
@@ -161,6 +217,9 @@ def summarize(results: dict) -> dict:
             "gen_accuracy_std": _std([r.get("gen_accuracy") for r in rs]),
             "gen_accuracy_by_category": {c: _mean([r.get("gen_accuracy_by_category", {}).get(c) for r in rs])
                                          for c in rs[0].get("gen_accuracy_by_category", {})},
+            "forgetting_mean": _mean([r.get("forgetting") for r in rs]),
+            "forgetting_std": _std([r.get("forgetting") for r in rs]),
+            "general_loss_mean": _mean([r.get("general_loss") for r in rs]),
             "s_per_step_mean": _mean([r["s_per_step"] for r in rs]),
             "peak_mem_mb_mean": _mean([r["peak_mem_mb"] for r in rs]),
         }  # fmt: skip
@@ -219,6 +278,10 @@ def caveats(res: dict) -> list[str]:
                     [f"the seeds disagree in sign ({', '.join(f'{x:+.4f}' for x in ps)})"] if mixed else [])  # fmt: skip
                 out.append(f"`{m}` on {g}: the 95% CI {_ci(row)} excludes 0 but {' and '.join(why)}: not called "
                            "better or worse.")
+    for m, row in (res.get("routing_by_method") or {}).items():
+        for kind, seeds_ in row.get("health", {}).items():
+            out.append(f"`{m}`: {HEALTH_WORDS.get(kind, kind)} in seed(s) {seeds_}: its router does not route "
+                       "(see the routing section).")
     seeds = sorted({r["seed"] for r in res["runs"]})
     if len(seeds) == 1:
         out.append("One seed only: seed-to-seed variation is not measured; the CIs cover the eval examples only.")
@@ -245,6 +308,20 @@ def summary_lines(res: dict) -> list[str]:
             extra = [f"{pv[g][m]['verdict']} on {g} {_ci(pv[g][m])}" for g in groups
                      if m in pv[g] and pv[g][m]["verdict"] != "no detectable difference"]  # fmt: skip
             L.append(f"- `{m}`: {row['verdict']} overall {_ci(row)}" + (f"; {'; '.join(extra)}" if extra else ""))
+    rt = res.get("routing_by_method") or {}
+    if rt:
+        L.append("")
+        L.append("Routing (mutual information between category and the soft gates / log N, median [max] over the "
+                 "adapted layers, mean over seeds; 0 = the routing ignores the category): "
+                 + "; ".join(f"`{m}` {_fmt(row['mi_normalized_median'], 3)} [{_fmt(row['mi_normalized_max'], 3)}]"
+                             for m, row in rt.items()))  # fmt: skip
+    fg = res.get("forgetting_by_method") or {}
+    if fg:
+        L.append("")
+        L.append(f"Forgetting (loss per token on {res['forgetting']['n_texts']} held-out Wikipedia paragraphs, adapter "
+                 f"on after training - base model {res['forgetting']['before_loss']:.4f}; mean [95% CI]): "
+                 + "; ".join(f"`{m}` {row['mean']:+.4f} [{row['ci95'][0]:+.4f}, {row['ci95'][1]:+.4f}]"
+                             for m, row in fg.items()))  # fmt: skip
     cav = caveats(res)
     if cav:
         L.append("")
@@ -259,6 +336,8 @@ def write_results(results: dict, eval_examples: list[dict], output_dir: str, cfg
     ref = cfg["reference"]
     if any(r["method"] == ref for r in results["runs"]):
         results["paired_vs_reference"] = {"reference": ref, **paired_stats(results, eval_examples, ref, cfg["bootstrap"])}
+    results["forgetting_by_method"] = forgetting_stats(results, cfg["bootstrap"])
+    results["routing_by_method"] = routing_stats(results)
     results["finished"] = final
     tmp = os.path.join(output_dir, "results.json.tmp")
     with open(tmp, "w") as f:
@@ -397,6 +476,46 @@ def markdown(res: dict, plots: list[str]) -> str:
                 L.append(f"| {g} | {mth} | {row['mean_diff']:+.4f} | [{row['ci95'][0]:+.4f}, {row['ci95'][1]:+.4f}] "
                          f"| {row['p_holm']:.3g} | " + ", ".join(f"{x:+.4f}" for x in row["per_seed_mean_diff"])
                          + f" | {row['verdict']} |")  # fmt: skip
+        L.append("")
+    rt = res.get("routing_by_method") or {}
+    if rt:
+        L.append("## Routing: does the router specialise?")
+        L.append("`peft_hydra.routing` on the eval set after training, per adapted layer, from the soft gates: the "
+                 "mutual information between category and head, I(C; H) with p(h | c) the category's mean gate, "
+                 "divided by log N (0: the routing carries no information about the category; 1: one head per "
+                 "category; its ceiling is log min(C, N) / log N); the per-token gate entropy and the entropy of the "
+                 "mean gate, both / log N (1 = uniform; usage entropy 0 = one head takes everything); dead heads "
+                 "(mean gate < 0.1 / N); how alike the B heads are (mean pairwise |cosine| and subspace similarity). "
+                 "Median over the layers, mean over seeds (per-seed values in results.json).")  # fmt: skip
+        L.append("")
+        L.append("| method | N | MI / log N median | MI / log N max | token entropy | usage entropy | dead heads "
+                 "(per seed) | B heads abs. cos | B heads subspace | warnings |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|")
+        for mth, row in rt.items():
+            warn = "; ".join(f"{k} (seeds {v})" for k, v in row["health"].items()) or "-"
+            L.append(f"| {mth} | {row['num_experts']} | {_fmt(row['mi_normalized_median'], 3)} | "
+                     f"{_fmt(row['mi_normalized_max'], 3)} | {_fmt(row['token_entropy_median'], 3)} | "
+                     f"{_fmt(row['usage_entropy_median'], 3)} | {', '.join(str(x) for x in row['dead_heads'])} of "
+                     f"{row['heads']} | {_fmt(row['head_abs_cosine_median'], 3)} | "
+                     f"{_fmt(row['head_subspace_median'], 3)} | {warn} |")  # fmt: skip
+        L.append("")
+    fg = res.get("forgetting_by_method") or {}
+    if fg:
+        f0 = res["forgetting"]
+        L.append("## Forgetting: loss on general text that no method trains on")
+        L.append(f"{f0['n_texts']} Wikipedia paragraphs from the `context` fields of the shipped Dolly file that no "
+                 f"train, validation or eval prompt of this run contains, cut to {f0['max_length']} tokens, every "
+                 "token after the first scored (causal-LM loss per token, mean over paragraphs). Before: the base "
+                 f"model (adapter off, before training): {f0['before_loss']:.4f}. After: the trained adapter on. "
+                 "Change = after - before, per paragraph averaged over seeds; 95% bootstrap CI over paragraphs. "
+                 "Positive = the method forgot (general text got harder), as PEFT's method comparison reports it.")
+        L.append("")
+        L.append("| method | loss after (mean over seeds) | change (after - before) | 95% CI | per-seed changes |")
+        L.append("|---|---|---|---|---|")
+        for mth, row in fg.items():
+            L.append(f"| {mth} | {_fmt(summ.get(mth, {}).get('general_loss_mean'))} | {row['mean']:+.4f} | "
+                     f"[{row['ci95'][0]:+.4f}, {row['ci95'][1]:+.4f}] | "
+                     + ", ".join(f"{x:+.4f}" for x in row["per_seed"]) + " |")  # fmt: skip
         L.append("")
     if summ:
         L.append("## Eval loss per category (mean over seeds)")
@@ -600,7 +719,27 @@ def make_plots(res: dict, out: str) -> list[str]:
         fig.savefig(os.path.join(out, "num_experts_elbow.png"), dpi=110)
         plt.close(fig)
         files.append("num_experts_elbow.png")
-    # 6. routing heatmaps: mean gate per head for each category, one panel per decoder layer
+    # 6. routing: normalised mutual information between category and gates per adapted layer, one line per method
+    rt = res.get("routing_by_method") or {}
+    if rt:
+        names = list(dict.fromkeys(n for row in rt.values() for n in row["mi_by_layer"]))
+        short = [".".join(p for p in n.split(".") if p.isdigit() or p.endswith("proj"))[-14:] for n in names]
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(names) + 2), 3.8))
+        for mth, row in rt.items():
+            ys = [row["mi_by_layer"].get(n) for n in names]
+            ax.plot(range(len(names)), [np.nan if y is None else y for y in ys], marker="o", ms=3,
+                    label=f"{mth} (median {_fmt(row['mi_normalized_median'], 3)})")  # fmt: skip
+        ax.set_xticks(range(len(names)), short, rotation=90, fontsize=6)
+        ax.set_ylim(0, None)
+        ax.set_ylabel("I(category; head) / log N")
+        ax.set_title("Routing specialisation per adapted layer (mean over seeds; 0 = ignores the category)", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "routing_mi.png"), dpi=110)
+        plt.close(fig)
+        files.append("routing_mi.png")
+    # 7. routing heatmaps: mean gate per head for each category, one panel per decoder layer
     for r in res["runs"]:
         rb = r.get("router_by_category")
         if not rb:

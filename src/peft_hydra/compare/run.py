@@ -135,7 +135,10 @@ def prepare(cfg: dict, log=print) -> dict[str, Any]:
             "`short_answer: true` have a stop rule): set `short_answer: true` on a source or `generate: false`."
         )
     tokd = {s: D.tokenize(exs, tok, int(dcfg["max_length"]), int(dcfg["max_answer_tokens"])) for s, exs in splits.items()}
-    all_ex = tokd["train"] + tokd["val"] + tokd["eval"]
+    if cfg["forgetting"]:
+        used = [ex["prompt"] for exs in splits.values() for ex in exs]
+        tokd["general"] = D.tokenize_general(D.general_texts(int(cfg["forgetting"]), used), tok, int(dcfg["max_length"]))
+    all_ex = tokd["train"] + tokd["val"] + tokd["eval"] + tokd.get("general", [])
     for i, ex in enumerate(all_ex):
         ex["_i"] = i
     log(f"data: {len(tokd['train'])} train, {len(tokd['val'])} val, {len(tokd['eval'])} eval examples, "
@@ -164,8 +167,17 @@ def prepare(cfg: dict, log=print) -> dict[str, Any]:
                       "reused_from_disk": n_reused, "max_abs_loss_diff_vs_full_forward": diff}  # fmt: skip
         log(f"cached layers 0..{first_top - 1} for {len(all_ex)} examples ({n_reused} from disk) in {cache_info['seconds']:.1f}s "
             f"({mb:.0f} MB); cached vs full forward loss max |diff| = {diff:.2e}")  # fmt: skip
+    forgetting = None
+    if tokd.get("general"):  # the base model (no adapter) on the general text: the "before" of every method
+        with torch.no_grad():
+            before = [float(token_losses(model, [ex], cache, first_top_arg, device)[0].mean()) for ex in tokd["general"]]
+        forgetting = {"n_texts": len(before), "source": "dolly8 contexts (Wikipedia paragraphs) unused by the run",
+                      "max_length": int(dcfg["max_length"]), "before_example_losses": [round(x, 6) for x in before],
+                      "before_loss": sum(before) / len(before)}  # fmt: skip
+        log(f"forgetting: {len(before)} general-text paragraphs, base model loss {forgetting['before_loss']:.4f}")
     return {"device": device, "model": model, "tok": tok, "model_desc": model_desc, "splits": splits, "tokd": tokd,
-            "common": common, "cache": cache, "cache_info": cache_info, "first_top_arg": first_top_arg}  # fmt: skip
+            "common": common, "cache": cache, "cache_info": cache_info, "first_top_arg": first_top_arg,
+            "forgetting": forgetting}  # fmt: skip
 
 
 def run_comparison(cfg: dict, output_dir: str, command: str, log=print) -> dict[str, Any]:
@@ -221,6 +233,7 @@ def run_comparison(cfg: dict, output_dir: str, command: str, log=print) -> dict[
         "budget": budget,
         "methods": {s.name: s.description for s in specs},
         "lr_sweep": {},
+        "forgetting": P["forgetting"],
         "runs": [],
         "wall_s": None,
     }  # fmt: skip
@@ -268,9 +281,15 @@ def run_comparison(cfg: dict, output_dir: str, command: str, log=print) -> dict[
     for seed in cfg["seeds"]:
         for spec in specs:
             lr = chosen[spec.name]
-            out = one(spec, seed, lr, int(cfg["steps"]), {"eval": tokd["eval"]}, cfg["router_plot"] and seed == cfg["seeds"][0])
-            ev = out.pop("evals")["eval"]
+            sets = {"eval": tokd["eval"], **({"general": tokd["general"]} if tokd.get("general") else {})}
+            out = one(spec, seed, lr, int(cfg["steps"]), sets, cfg["router_plot"])
+            evals = out.pop("evals")
+            ev = evals["eval"]
             rec = report.run_record(spec, seed, lr, out, ev, tokd["eval"], budget["methods"][spec.name])
+            if "general" in evals:
+                rec["general_example_losses"] = [round(x, 6) for x in evals["general"]["losses"]]
+                rec["general_loss"] = sum(evals["general"]["losses"]) / len(evals["general"]["losses"])
+                rec["forgetting"] = rec["general_loss"] - results["forgetting"]["before_loss"]
             results["runs"].append(rec)
             log(f"run {spec.name} seed={seed} lr={lr:g}: eval loss {rec['eval_loss']:.4f}, "
                 f"{rec['s_per_step']:.2f} s/step, {rec['trainable_params']:,} params")  # fmt: skip

@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0,
     "bootstrap": 2000,
     "router_plot": True,
+    "forgetting": 24,  # held-out Wikipedia paragraphs (Dolly contexts) scored before / after training (0: off)
     "analysis": None,  # `peft-hydra analyze` options: {groups, inits, steps, lr, seed} (see compare/analyze.py)
 }
 DATA_DEFAULTS = {
@@ -153,6 +154,9 @@ def normalize(raw: dict) -> dict[str, Any]:
         raise ConfigError(f"`schedule` must be linear or cosine, got {cfg['schedule']!r}.")
     if not isinstance(cfg["generate"], bool):
         raise ConfigError(f"`generate` must be true or false, got {cfg['generate']!r}.")
+    fg = cfg["forgetting"]
+    if isinstance(fg, bool) or not isinstance(fg, int) or fg < 0:
+        raise ConfigError(f"`forgetting` must be an integer >= 0 (general-text paragraphs; 0: off), got {fg!r}.")
     tl = cfg["top_layers"]
     if tl is not None and (not isinstance(tl, int) or tl < 1):
         raise ConfigError(f"`top_layers` must be null (all layers) or an integer >= 1, got {tl!r}.")

@@ -286,7 +286,7 @@ def train_run(base, spec, peft_config, common, train, eval_sets, cache, first_to
             ce, _, _ = token_losses(inner, batch, cache, first_top_layer, device)
             loss = ce.mean()
             if aux_fn is not None and spec.kind == "hydra":
-                loss = loss + aux_fn()
+                loss = loss + aux_fn(step=step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, float(run_cfg.get("max_grad_norm", 1.0)))
@@ -300,7 +300,8 @@ def train_run(base, spec, peft_config, common, train, eval_sets, cache, first_to
         bar.close()
         train_s = time.perf_counter() - t0
         inner.eval()
-        evals = {name: evaluate(wrapper, inner, spec, exs, cache, first_top_layer, run_cfg, router_by_category)
+        evals = {name: evaluate(wrapper, inner, spec, exs, cache, first_top_layer, run_cfg,
+                                router_by_category and name != "general")
                  for name, exs in eval_sets.items()}  # fmt: skip
         if run_cfg.get("generate") and "eval" in evals:
             evals["eval"]["generated_correct"] = generate_and_score(inner, eval_sets["eval"], run_cfg)
@@ -323,7 +324,7 @@ def evaluate(wrapper, inner, spec, examples, cache, first_top_layer, run_cfg, ro
     tuner = getattr(wrapper, "base_model", None)
     routed = router_by_category and spec.kind == "hydra" and hasattr(tuner, "router_stats")
     routed = routed and all(getattr(c, "has_router", False) for c in getattr(wrapper, "peft_config", {}).values())
-    losses, exact, router = [0.0] * len(examples), [False] * len(examples), {}
+    losses, exact, router, raw = [0.0] * len(examples), [False] * len(examples), {}, {}
     by_cat: dict[str, list[int]] = {}
     for k, ex in enumerate(examples):
         by_cat.setdefault(ex["category"], []).append(k)
@@ -341,10 +342,40 @@ def evaluate(wrapper, inner, spec, examples, cache, first_top_layer, run_cfg, ro
             stats = tuner.router_stats()
             if stats["layers"]:
                 router[cat] = {name: st["mean_gate"] for name, st in stats["layers"].items()}
+                raw[cat] = stats["layers"]
     out = {"losses": losses, "exact": exact}
     if routed:
         out["router"] = router
+        if raw:
+            out["routing"] = routing_by_category(wrapper, raw)
     return out
+
+
+def routing_by_category(wrapper, raw: dict) -> dict:
+    """The routing report (``peft_hydra.routing``: per layer the normalised mutual information between category and
+    the soft gates, head usage, dead heads, entropies, B-head similarity; median / max over layers) from the
+    per-category router statistics ``raw[category][layer] = {"mean_gate", "entropy", "tokens"}`` of an evaluation,
+    plus ``health``: the uniform / collapse warnings of ``routing.router_health`` on the whole eval set."""
+    import math
+
+    from peft_hydra import routing
+
+    adapter = wrapper.active_adapter if isinstance(wrapper.active_adapter, str) else wrapper.active_adapter[0]
+    modules = dict(wrapper.base_model.model.named_modules())
+    layers = {}
+    for name in next(iter(raw.values())):
+        cats = [c for c in raw if name in raw[c] and raw[c][name]["tokens"]]
+        st = routing.layer_routing({c: raw[c][name]["mean_gate"] for c in cats},
+                                   {c: raw[c][name]["tokens"] for c in cats},
+                                   {c: raw[c][name]["entropy"] for c in cats},
+                                   heads=modules[name].hydra_B[adapter])  # fmt: skip
+        st.pop("category_gates", None)
+        st.pop("category_tokens", None)
+        layers[name] = st
+    n = len(next(iter(layers.values()))["usage"])
+    health = routing.router_health({k: {"mean_gate": v["usage"], "entropy": v["token_entropy"] * math.log(n)}
+                                    for k, v in layers.items()})  # fmt: skip
+    return {"layers": layers, "summary": routing.summarize(layers), "num_experts": n, "health": health}
 
 
 @torch.no_grad()
