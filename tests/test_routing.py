@@ -9,6 +9,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
+import peft_hydra
 from peft_hydra import HydraLoraConfig
 from peft_hydra import functional as HF
 
@@ -243,3 +244,202 @@ def test_cold_start_options_round_trip_and_old_configs_load(tiny_llama, tmp_path
     assert (got.head_init, got.router_init_std, got.router_aux_loss_warmup_steps) == ("zero", None, 0)
     with torch.no_grad():
         torch.testing.assert_close(old(input_ids=ids).logits, want)
+
+
+# ----------------------------------------------------------------------------------- routing statistics
+from peft_hydra import routing as R  # noqa: E402
+
+
+def test_mutual_information_known_cases():
+    n = 4
+    one_head_each = torch.eye(n)
+    assert R.mutual_information(one_head_each, torch.ones(n)) / math.log(n) == pytest.approx(1.0)
+    assert R.mutual_information(torch.full((n, n), 1 / n), torch.tensor([1.0, 2, 3, 4])) == pytest.approx(0.0)
+    same_profile = torch.tensor([[0.7, 0.1, 0.1, 0.1]] * 3)  # all categories routed alike: no information
+    assert R.mutual_information(same_profile, torch.tensor([5.0, 1, 1])) == pytest.approx(0.0, abs=1e-12)
+    # two categories on disjoint pairs of heads: 1 bit = log 2 nats, half of log 4
+    halves = torch.tensor([[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]])
+    assert R.mutual_information(halves, torch.ones(2)) == pytest.approx(math.log(2))
+    # token shares weigh the categories: a category with no tokens adds nothing
+    assert R.mutual_information(torch.eye(2), torch.tensor([1.0, 0.0])) == pytest.approx(0.0)
+
+
+def test_head_similarity_known_cases():
+    g = torch.Generator().manual_seed(0)
+    head = torch.randn(16, 1, 4, generator=g)
+    same = R.head_similarity(head.expand(16, 3, 4))
+    torch.testing.assert_close(same["abs_cosine"], torch.ones(3, 3, dtype=torch.float64))
+    torch.testing.assert_close(same["subspace"], torch.ones(3, 3, dtype=torch.float64))
+    mirrored = R.head_similarity(torch.cat([head, -2 * head], dim=1))
+    torch.testing.assert_close(mirrored["abs_cosine"], torch.ones(2, 2, dtype=torch.float64))
+    q, _ = torch.linalg.qr(torch.randn(16, 12, generator=g, dtype=torch.float64))
+    disjoint = R.head_similarity(q.view(16, 3, 4))
+    torch.testing.assert_close(disjoint["abs_cosine"], torch.eye(3, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(disjoint["subspace"], torch.eye(3, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert torch.isnan(R.head_similarity(torch.zeros(8, 3, 2))["subspace"]).all()
+
+
+def test_layer_routing_usage_entropy_dead_heads():
+    n = 3
+    stats = R.layer_routing(
+        {"a": [0.98, 0.01, 0.01], "b": [0.98, 0.01, 0.01]}, {"a": 10, "b": 30}, {"a": 0.1, "b": 0.3},
+        heads=torch.zeros(8, n, 2),
+    )  # fmt: skip
+    assert stats["usage"] == pytest.approx([0.98, 0.01, 0.01])
+    assert stats["dead_heads"] == [1, 2]  # usage below 0.1 / 3
+    assert stats["mi_normalized"] == pytest.approx(0.0, abs=1e-12)
+    assert stats["token_entropy"] == pytest.approx((0.25 * 0.1 + 0.75 * 0.3) / math.log(n))
+    assert stats["usage_entropy"] < 0.15
+    assert stats["head_abs_cosine"] is None and stats["head_subspace"] is None  # zero heads
+    assert stats["mi_max"] == pytest.approx(math.log(2) / math.log(3))
+    unlabelled = R.layer_routing({None: [1 / 3] * 3}, {None: 5}, {None: math.log(3)}, labelled=False)
+    assert unlabelled["mi"] is None and unlabelled["token_entropy"] == pytest.approx(1.0)
+    assert unlabelled["usage_entropy"] == pytest.approx(1.0) and unlabelled["dead_heads"] == []
+
+
+def test_router_health_conditions():
+    n = 4
+    uniform = {"l0": {"mean_gate": [0.25] * n, "entropy": 0.995 * math.log(n)}}
+    collapsed = {"l0": {"mean_gate": [0.94, 0.02, 0.02, 0.02], "entropy": 0.2}}
+    healthy = {"l0": {"mean_gate": [0.4, 0.3, 0.2, 0.1], "entropy": 0.5 * math.log(n)}}
+    found = peft_hydra.router_health(uniform)
+    assert list(found) == ["uniform"] and "0.995 of log N" in found["uniform"] and "head_init=" in found["uniform"]
+    found = peft_hydra.router_health(collapsed)
+    assert list(found) == ["collapse"] and "0.940" in found["collapse"] and "router_aux_loss_coef" in found["collapse"]
+    assert peft_hydra.router_health(healthy) == {}
+    assert peft_hydra.router_health({}) == {}
+
+
+class _Routed(torch.nn.Module):
+    """One linear layer on one-hot inputs: category c is the basis vector e_c."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.lin = torch.nn.Linear(n, 8)
+
+    def forward(self, input_ids):
+        return self.lin(torch.nn.functional.one_hot(input_ids, self.lin.in_features).float())
+
+
+def test_routing_report_known_routers():
+    n = 3
+    torch.manual_seed(0)
+    config = HydraLoraConfig(r=2, num_experts=n, target_modules=["lin"], head_init="centered", head_init_std=0.1)
+    model = get_peft_model(_Routed(n), config)
+    batches = [torch.full((2, 5), c) for c in range(n) for _ in range(2)]
+    labels = [f"task{c}" for c in range(n) for _ in range(2)]
+    router = model.base_model.model.lin.hydra_router["default"]
+    with torch.no_grad():
+        router.weight.copy_(50 * torch.eye(n))  # category c -> head c
+    model.train()
+    report = peft_hydra.routing_report(model, batches, labels)
+    assert model.training  # restored
+    layer = report["layers"]["lin"]
+    assert layer["mi_normalized"] == pytest.approx(1.0, abs=1e-6)
+    assert layer["usage"] == pytest.approx([1 / 3] * 3) and layer["dead_heads"] == []
+    assert layer["token_entropy"] < 1e-6 and layer["usage_entropy"] == pytest.approx(1.0)
+    assert layer["category_gates"]["task1"] == pytest.approx([0, 1, 0], abs=1e-6)
+    assert layer["category_tokens"] == {"task0": 20, "task1": 20, "task2": 20}
+    assert layer["head_abs_cosine"] is not None and layer["head_abs_cosine"] < 1
+    assert report["categories"] == ["task0", "task1", "task2"]
+    assert report["summary"]["mi_normalized_median"] == pytest.approx(1.0, abs=1e-6)
+    text = peft_hydra.format_routing_report(report)
+    assert "| lin | 1.000 |" in text and "Dead heads (usage < 0.1/N): 0 of 3" in text
+
+    with torch.no_grad():
+        router.weight.zero_()  # uniform gates
+    layer = peft_hydra.routing_report(model, batches, labels)["layers"]["lin"]
+    assert layer["mi_normalized"] == pytest.approx(0.0, abs=1e-9)
+    assert layer["token_entropy"] == pytest.approx(1.0)
+    unlabelled = peft_hydra.routing_report(model, batches)
+    assert unlabelled["layers"]["lin"]["mi"] is None and unlabelled["categories"] == []
+
+
+def test_routing_report_errors(tiny_llama):
+    model = get_peft_model(tiny_llama(), _config())
+    with pytest.raises(ValueError, match="2 batches but 1 labels"):
+        peft_hydra.routing_report(model, [_ids(), _ids(seed=1)], ["a"])
+    with pytest.raises(ValueError, match="no batches"):
+        peft_hydra.routing_report(model, [])
+    fixed = get_peft_model(tiny_llama(), _config(fixed_gates="uniform"))
+    with pytest.raises(ValueError, match="no learned router"):
+        peft_hydra.routing_report(fixed, [_ids()])
+
+
+def test_routing_report_keeps_the_collection_state(tiny_llama):
+    model = get_peft_model(tiny_llama(), _config())
+    tuner = model.base_model
+    assert not tuner.router_stats_enabled
+    report = peft_hydra.routing_report(model, [_ids(), _ids(seed=1)], ["a", "b"])
+    assert not tuner.router_stats_enabled and tuner.router_stats()["mean_gate"] is None
+    assert len(report["layers"]) == 2 * len(TARGETS)
+    assert "model.layers.0.mlp.up_proj" in report["layers"]  # the names of measure_mean_gates / router_stats
+
+
+# ------------------------------------------------------------------------------------ training-time warnings
+class _Dataset(torch.utils.data.Dataset):
+    def __init__(self, ids):
+        self.ids = ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _trainer(model, tmp_path, steps):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=steps, learning_rate=1e-2,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0,
+        disable_tqdm=True,
+    )  # fmt: skip
+    return Trainer(model=model, args=args, train_dataset=_Dataset(_ids(n=16, seed=3)))
+
+
+def _router_warnings(record):
+    return [str(w.message) for w in record if "HydraLoRA routers" in str(w.message)]
+
+
+def test_prepare_trainer_warns_once_when_the_gates_stay_uniform(tiny_llama, tmp_path):
+    # zero heads and a zero router: the deadlock, every token gets gates 1/N for the whole run
+    model = get_peft_model(tiny_llama(), _config(router_init_std=0.0, task_type="CAUSAL_LM"))
+    trainer = peft_hydra.prepare_trainer(_trainer(model, tmp_path, steps=6), router_warnings_after_steps=3)
+    with pytest.warns(UserWarning) as record:
+        trainer.train()
+    found = _router_warnings(record)
+    assert len(found) == 1, found  # once, although steps 3-6 all qualify
+    assert "stay uniform" in found[0] and "1.000 of log N" in found[0] and "training step 3" in found[0]
+    assert "head_init='centered'" in found[0]
+    assert all("router_entropy" in h for h in trainer.state.log_history if "loss" in h)  # metrics still logged
+
+    quiet = get_peft_model(tiny_llama(), _config(router_init_std=0.0, task_type="CAUSAL_LM"))
+    trainer = peft_hydra.prepare_trainer(_trainer(quiet, tmp_path, steps=3), router_warnings=False)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert _router_warnings(record) == []
+
+
+def test_prepare_trainer_rejects_bad_warning_steps(tiny_llama, tmp_path):
+    model = get_peft_model(tiny_llama(), _config(task_type="CAUSAL_LM"))
+    with pytest.raises(ValueError, match="router_warnings_after_steps"):
+        peft_hydra.prepare_trainer(_trainer(model, tmp_path, steps=1), router_warnings_after_steps=-1)
+
+
+def test_prepare_trainer_ramps_the_balance_loss_with_the_global_step(tiny_llama, tmp_path):
+    coef, warm = 0.01, 4
+    config = _config(task_type="CAUSAL_LM", router_aux_loss_coef=coef, router_aux_loss_warmup_steps=warm)
+    trainer = peft_hydra.prepare_trainer(_trainer(get_peft_model(tiny_llama(), config), tmp_path, steps=6))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert "router_aux_loss" not in logs[0]  # computed at global_step 0: coefficient 0, no term
+    aux = [h["router_aux_loss"] / coef for h in logs[1:]]  # the balance loss x min(1, step / warm), steps 1..5
+    ramp = [min(1.0, step / warm) for step in range(1, 6)]
+    balance = [a / w for a, w in zip(aux, ramp)]
+    assert all(0.9 < b < 3.0 for b in balance), balance  # N * sum f_i P_i: 1 when balanced, at most N
+    assert max(balance) / min(balance) < 1.2, balance  # the same loss, scaled by the ramp

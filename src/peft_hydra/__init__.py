@@ -23,7 +23,9 @@ _register()
 from .convert import convert_official_checkpoint  # noqa: E402
 from .export import export_lora, measure_mean_gates  # noqa: E402
 from .heads import suggest_num_experts  # noqa: E402  (needs the [compare] extra when called: scikit-learn)
-from .integrations import hydra_compute_loss, prepare_trainer, router_metrics  # noqa: E402
+from .integrations import hydra_compute_loss, prepare_trainer, router_health, router_metrics  # noqa: E402
+from . import routing  # noqa: E402  (the routing statistics: peft_hydra.routing.layer_routing, summarize, ...)
+from .routing import format_routing_report, routing_report  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -38,10 +40,14 @@ __all__ = [
     "__version__",
     "convert_official_checkpoint",
     "export_lora",
+    "format_routing_report",
     "hydra_compute_loss",
     "measure_mean_gates",
     "prepare_trainer",
     "resolve_gates",
+    "router_health",
     "router_metrics",
+    "routing",
+    "routing_report",
     "suggest_num_experts",
 ]

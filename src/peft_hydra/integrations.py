@@ -14,6 +14,10 @@ trainer's cooperation, and :func:`prepare_trainer` adds both::
    ``router_entropy``, ``router_gate_<i>`` (mean gate of head i, averaged over layers), ``router_aux_loss``
    (the mean balance loss term over the logging window, when the coefficient is > 0); evaluation logs get the same
    keys with the ``eval_`` prefix. The statistics are those of this process (rank 0 is the one that reports).
+3. With those statistics, a warning (once per condition and trainer, from ``router_warnings_after_steps`` optimizer
+   steps on) when the routers stay uniform or collapse onto one head, with the figures and the remedies
+   (:func:`router_health`; thresholds :data:`UNIFORM_ENTROPY` and :data:`COLLAPSE_GATE`). Measure whether the
+   routing carries information about your tasks with :func:`peft_hydra.routing_report` (docs/routing.md).
 
 If you subclass the Trainer yourself, :func:`hydra_compute_loss` is the same loss as a helper for your
 ``compute_loss``.
@@ -22,13 +26,65 @@ If you subclass the Trainer yourself, :func:`hydra_compute_loss` is the same los
 from __future__ import annotations
 
 import functools
-from typing import Any
+import math
+import warnings
+from typing import Any, Mapping
 
 import torch
 
-__all__ = ["prepare_trainer", "hydra_compute_loss", "router_metrics", "unwrap_hydra_tuner"]
+__all__ = ["prepare_trainer", "hydra_compute_loss", "router_health", "router_metrics", "unwrap_hydra_tuner"]
 
 _PATCHED = "_peft_hydra_prepared"
+
+#: Training-time warning: the gates "stay uniform" when the per-token entropy, divided by log N, is at least this
+#: (median over layers); 0.98 of log N is e.g. gates (0.26, 0.32, 0.42) on every token for N = 3.
+UNIFORM_ENTROPY = 0.98
+#: Training-time warning: the routing "collapses onto one head" when one head's mean gate is at least this
+#: (median over layers of the largest mean gate).
+COLLAPSE_GATE = 0.9
+
+
+def median(values) -> float:
+    """The median (the mean of the two middle values for an even count)."""
+    v = sorted(values)
+    mid = len(v) // 2
+    return float(v[mid]) if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+
+
+def router_health(
+    layers: Mapping[str, Mapping[str, Any]],
+    uniform_entropy: float = UNIFORM_ENTROPY,
+    collapse_gate: float = COLLAPSE_GATE,
+) -> dict[str, str]:
+    """The training-time checks on router statistics ``{layer: {"mean_gate": [N], "entropy": nats}}`` (what
+    ``HydraLoraModel.router_stats()["layers"]`` returns): ``{"uniform" | "collapse": message}`` for each condition
+    that holds (median over layers), each message with the figures and the remedy."""
+    if not layers:
+        return {}
+    stats = list(layers.values())
+    n = len(stats[0]["mean_gate"])
+    token_entropy = median(s["entropy"] / math.log(n) for s in stats)
+    top_gate = median(max(s["mean_gate"]) for s in stats)
+    found = {}
+    if token_entropy >= uniform_entropy:
+        found["uniform"] = (
+            f"HydraLoRA routers stay uniform: the per-token gate entropy is {token_entropy:.3f} of log N (median over "
+            f"{len(stats)} layers, N={n}; 1 = every token gets gates 1/N), so the {n} heads are mixed equally and "
+            "cannot specialise. With the default zero-initialised heads the router gets no gradient until the heads "
+            "differ (the cold start). Remedies: head_init='centered' or 'orthogonal' in HydraLoraConfig (non-zero "
+            "heads, initial output still zero), router_init_std (e.g. 0.01), and a balance loss no stronger than "
+            "router_aux_loss_coef=1e-3 (0.01 is reported to pin the gates to uniform), with router_aux_loss_warmup_steps. Measure "
+            "specialisation with peft_hydra.routing_report (docs/routing.md)."
+        )
+    if top_gate >= collapse_gate:
+        found["collapse"] = (
+            f"HydraLoRA routers collapse onto one head: the largest mean gate is {top_gate:.3f} (median over "
+            f"{len(stats)} layers, N={n}), so the other heads get almost no tokens and the adapter is one LoRA. "
+            "Remedies: a load-balancing loss (router_aux_loss_coef=1e-3 in HydraLoraConfig, with "
+            "router_aux_loss_warmup_steps), a smaller learning rate, or router_temperature > 1. See "
+            "peft_hydra.routing_report (docs/routing.md)."
+        )
+    return found
 
 
 def unwrap_hydra_tuner(model: torch.nn.Module):
@@ -108,13 +164,27 @@ def router_metrics(model: torch.nn.Module, prefix: str = "", reset: bool = True)
     return metrics
 
 
-def prepare_trainer(trainer, *, aux_loss: bool = True, log_router_stats: bool = True):
+def prepare_trainer(
+    trainer,
+    *,
+    aux_loss: bool = True,
+    log_router_stats: bool = True,
+    router_warnings: bool = True,
+    router_warnings_after_steps: int = 50,
+):
     """Make ``trainer`` (a ``transformers.Trainer`` or a subclass such as TRL's ``SFTTrainer``) HydraLoRA-aware.
 
-    Adds the router balance loss to the training loss (``aux_loss``, only matters with ``router_aux_loss_coef > 0``)
-    and logs router statistics as Trainer metrics (``log_router_stats``). It wraps ``trainer.compute_loss`` and
-    ``trainer.log`` on this instance only; calling it twice is an error. Returns ``trainer``.
+    Adds the router balance loss to the training loss (``aux_loss``, only matters with ``router_aux_loss_coef > 0``;
+    its warm-up follows ``trainer.state.global_step``), logs router statistics as Trainer metrics
+    (``log_router_stats``) and warns once per condition when the routers stay uniform or collapse onto one head,
+    judged on the statistics of each training log window from ``router_warnings_after_steps`` optimizer steps on
+    (``router_warnings``). It wraps ``trainer.compute_loss`` and ``trainer.log`` on this instance only; calling it
+    twice is an error. Returns ``trainer``.
     """
+    if isinstance(router_warnings_after_steps, bool) or not isinstance(router_warnings_after_steps, int) or (
+        router_warnings_after_steps < 0
+    ):
+        raise ValueError(f"router_warnings_after_steps must be an integer >= 0, got {router_warnings_after_steps!r}.")
     if not (hasattr(trainer, "compute_loss") and hasattr(trainer, "log") and hasattr(trainer, "model")):
         raise TypeError(f"prepare_trainer expects a transformers.Trainer, got {type(trainer).__name__}.")
     if getattr(trainer, _PATCHED, False):
@@ -133,17 +203,28 @@ def prepare_trainer(trainer, *, aux_loss: bool = True, log_router_stats: bool = 
 
         trainer.compute_loss = compute_loss
 
-    if log_router_stats:
+    if log_router_stats or router_warnings:
         original_log = trainer.log
+        warned: set[str] = set()
 
         def log(logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
             is_eval = any(k.startswith("eval_") for k in logs)
             is_train = "loss" in logs
+            if router_warnings and is_train:
+                step = int(getattr(getattr(trainer, "state", None), "global_step", 0) or 0)
+                if step >= router_warnings_after_steps:
+                    found = router_health(unwrap_hydra_tuner(trainer.model).router_stats()["layers"])
+                    for condition, message in found.items():
+                        if condition not in warned:
+                            warned.add(condition)
+                            warnings.warn(f"{message} (training step {step})", UserWarning, stacklevel=2)
             if is_eval or is_train:
                 prefix = "eval_" if is_eval else ""
-                logs.update(router_metrics(trainer.model, prefix=prefix))
+                metrics = router_metrics(trainer.model, prefix=prefix)  # reads and resets the statistics
+                if log_router_stats:
+                    logs.update(metrics)
                 aux = trainer.__dict__.pop("_peft_hydra_aux", None)
-                if is_train and aux:
+                if log_router_stats and is_train and aux:
                     logs["router_aux_loss"] = round(float(torch.stack(aux).float().mean()), 6)
             return original_log(logs, *args, **kwargs)
 
