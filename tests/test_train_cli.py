@@ -136,7 +136,7 @@ def test_train_command_end_to_end_under_accelerate_ddp(base_dir, data_file, tmp_
     assert "loss on the answer tokens only" in proc.stdout
 
     summary = json.loads((out / "train_summary.json").read_text())
-    assert "2 process(es), DISTRIBUTED" in proc.stdout  # data parallel, not two separate trainings
+    assert "2 process(es), DDP" in proc.stdout  # data parallel, not two separate trainings
     assert summary["steps"] == 6 and summary["log_history"][0]["epoch"] == pytest.approx(8 / 48)  # 2 ranks x 4
     losses = summary["losses"]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)

@@ -569,11 +569,32 @@ def build_trainer(options: dict[str, Any]):
     targets = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
     log(f"adapter: HydraLoRA r={config.r} lora_alpha={config.lora_alpha} N={config.num_experts} on {n_layers} layers "
         f"({targets}), router_aux_loss_coef={config.router_aux_loss_coef}, {trainable} trainable parameters; preset "
-        f"{options['preset']}; {trainer.args.world_size} process(es), {trainer.args.parallel_mode.name}")  # fmt: skip
+        f"{options['preset']}; {trainer.args.world_size} process(es), {_parallelism(trainer)}")  # fmt: skip
+    _warn_ignored_launcher_setting(trainer, log)
     prepare_trainer(trainer)
     info = {"data": data_summary, "examples": len(dataset), "adapter_layers": n_layers,
             "trainable_parameters": trainable}  # fmt: skip
     return trainer, info
+
+
+def _parallelism(trainer) -> str:
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return f"DeepSpeed ZeRO-{trainer.accelerator.state.deepspeed_plugin.zero_stage}"
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return "FSDP"
+    return "DDP" if trainer.args.world_size > 1 else "single process"
+
+
+def _warn_ignored_launcher_setting(trainer, log) -> None:
+    """accelerate runs an FSDP / DeepSpeed launch config as plain DDP when it cannot use them (FSDP on CPU): say so."""
+    for env, name, active, why in (
+        ("ACCELERATE_USE_FSDP", "FSDP", "is_fsdp_enabled", " (accelerate runs FSDP only on GPUs)"),
+        ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed", "is_deepspeed_enabled", ""),
+    ):
+        asked = os.environ.get(env, "").lower() in ("1", "true", "yes")
+        if asked and not getattr(trainer, active, False):
+            log(f"WARNING: the launch config asks for {name} ({env}), but the Trainer runs as "
+                f"{_parallelism(trainer)}{why}.")  # fmt: skip
 
 
 _CARD_BEGIN = "<!-- peft-hydra train: begin -->"
