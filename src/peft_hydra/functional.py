@@ -12,7 +12,7 @@ Shapes: ``x`` is (..., in); ``h = A x`` is (..., r) with a shared A, or (..., N*
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -201,6 +201,127 @@ def delta_2d(
     if gates is not None and h.dim() == 2:
         h = h.unsqueeze(-2) if A.shape[0] == r else h.view(-1, n, r)
     return _mix(h, gates, B, scaling), gates, probs
+
+
+# --------------------------------------------------------------------------------------------- inference
+# Without autograd (generate(), evaluation under no_grad) the layer runs the update from weights prepared once
+# (``prepare_inference``; the layer caches them and rebuilds them when a weight changes) and adds it to the base
+# output in the same GEMM: fewer ops per token than the training path (``delta_2d``), the same values up to
+# floating-point rounding (tests/test_layer.py checks it against the training path).
+
+
+class InferenceWeights(NamedTuple):
+    """The update of one adapter prepared for inference by :func:`prepare_inference` (views of the parameters where
+    possible, so they follow in-place changes; ``w_in`` and a folded ``b_mix`` are copies)."""
+
+    w_in: torch.Tensor  # (in, rows + N): [A; W_router]^T for a router on x; else A^T (in, rows)
+    rows: int  # rows of A: r, or N*r for one A per head
+    n: int  # heads whose gates are computed per token (1: none, fixed gates folded into b_mix)
+    router_h: Optional[torch.Tensor]  # (N, rows) for router_input="a"; else None
+    b_mix: torch.Tensor  # (N*r, out) = B.view(out, N*r).T; with fixed gates or N = 1 the folded (rows, out)
+    b_heads: Optional[torch.Tensor]  # (N, r, out): B per head, for the top-1 gather (shared A only)
+
+
+def prepare_inference(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    *,
+    router_weight: Optional[torch.Tensor],
+    fixed_gates: Optional[torch.Tensor],
+    router_input: str,
+) -> InferenceWeights:
+    """The weights :func:`inference_update` needs, prepared once: the router on x joins A in ONE weight ``[A;
+    W_router]`` (one GEMM over x for both); fixed gates (and N = 1) are folded into B (``gated_heads``), so that
+    the update is two GEMMs as LoRA's."""
+    out_features, n, r = B.shape
+    rows = A.shape[0]
+    if router_weight is None:
+        if n == 1:
+            b_mix = B.view(out_features, r).t()
+        else:
+            b_mix = gated_heads(B, fixed_gates, shared_a=rows == r).t()
+        return InferenceWeights(A.t(), rows, 1, None, b_mix, None)
+    if router_weight.dtype != A.dtype:
+        raise ValueError(
+            f"prepare_inference needs the router in A's dtype ({A.dtype}), got {router_weight.dtype}: cast the "
+            "adapter to one dtype (the layer runs the training path for such an adapter)."
+        )
+    w_in = (torch.cat([A, router_weight]) if router_input == "x" else A).t()  # torch.mm(x, w_in): no transpose op
+    router_h = router_weight if router_input != "x" else None
+    b_heads = B.permute(1, 2, 0) if rows == r else None
+    return InferenceWeights(w_in, rows, n, router_h, B.view(out_features, n * r).t(), b_heads)
+
+
+def inference_update(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    w: InferenceWeights,
+    scaling: float,
+    *,
+    top_k: Optional[int] = None,
+    temperature: float = 1.0,
+    need_probs: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``result + scaling * delta`` for tokens ``x`` (T, in) with the prepared weights ``w``, no dropout: returns
+    (T, out), and the gates and probabilities as :func:`delta_2d` does (``probs`` None with top-k unless
+    ``need_probs``).
+
+    Per token: one GEMM over x for A and the router, the softmax, and the head mix as one outer product and one GEMM
+    that also adds to ``result`` (``addmm``; when ``result`` has another dtype than the adapter, the update is cast
+    and added as the training path does). Top-1 gathers the chosen head of every token (at most
+    :data:`TOP1_GATHER_MAX_TOKENS` tokens; beyond, the gates are scattered and mixed like dense ones).
+    """
+    y = torch.mm(x, w.w_in)
+    n, rows = w.n, w.rows
+    if n == 1:  # no per-token gates: LoRA's two GEMMs
+        return _add_scaled(result, y, w.b_mix, scaling), None, None
+    if w.router_h is None:
+        h, logits = y.split_with_sizes([rows, n], dim=-1)
+    else:
+        h, logits = y, F.linear(y, w.router_h)
+    probs = None
+    if top_k is None or top_k >= n:
+        gates = probs = softmax_gates(logits, temperature)
+    else:
+        if need_probs:
+            probs = softmax_gates(logits, temperature)
+        if top_k == 1 and w.b_heads is not None and x.shape[0] <= TOP1_GATHER_MAX_TOKENS:
+            # top-1: the kept head's gate is exactly 1 (a softmax over one logit), so the update is B_i A x of the
+            # chosen head i: gather the (r, out) heads of the T tokens, one batched GEMM; no gates to mix (they are
+            # built only for the statistics / balance loss: ``need_probs``)
+            index = logits.topk(1, dim=-1)[1].view(-1)
+            heads = w.b_heads.index_select(0, index)  # (T, r, out)
+            gates = None
+            if need_probs:
+                gates = torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, index.view(-1, 1), 1.0)
+            if x.shape[0] == 1:
+                return _add_scaled(result, h, heads[0], scaling), gates, probs
+            delta = torch.bmm(h.unsqueeze(1), heads).view(result.shape)
+            return _add_to(result, delta, scaling), gates, probs
+        gates = top_k_softmax(logits, top_k, temperature)
+    g = gates if gates.dtype == h.dtype else gates.to(h.dtype)
+    if rows * n == w.b_mix.shape[0]:  # shared A: the outer product gates x (A x), (T, N, r)
+        gated = torch.bmm(g.unsqueeze(-1), h.unsqueeze(-2))
+    else:  # one A per head: h is (T, N*r)
+        gated = g.unsqueeze(-1) * h.view(h.shape[0], n, -1)
+    return _add_scaled(result, gated.view(h.shape[0], -1), w.b_mix, scaling), gates, probs
+
+
+TOP1_GATHER_MAX_TOKENS = 64
+"""Top-1 inference gathers each token's chosen head, (tokens, r, out) values, up to this many tokens (decoding,
+small batches); a longer input (a prompt) scatters its gates and mixes all heads, as dense gates."""
+
+
+def _add_scaled(result: torch.Tensor, h: torch.Tensor, b_t: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``result + scaling * h @ b_t``: one ``addmm`` when the dtypes agree; else as the training path (the product
+    in the adapter's dtype, cast, added)."""
+    if result.dtype == h.dtype:
+        return torch.addmm(result, h, b_t, alpha=scaling)
+    return torch.add(result, torch.mm(h, b_t).to(result.dtype), alpha=scaling)
+
+
+def _add_to(result: torch.Tensor, delta: torch.Tensor, scaling: float) -> torch.Tensor:
+    return torch.add(result, delta if delta.dtype == result.dtype else delta.to(result.dtype), alpha=scaling)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

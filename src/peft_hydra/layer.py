@@ -43,6 +43,12 @@ def _tokens(x: torch.Tensor) -> torch.Tensor:
     return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
 
 
+def _state(t: Optional[torch.Tensor]) -> Optional[tuple[int, int, int]]:
+    """What identifies a weight's current values without reading them: the tensor, its storage, its in-place
+    write counter."""
+    return None if t is None else (id(t), t.data_ptr(), t._version)
+
+
 def _new_accumulator(num_experts: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Zeroed router-statistics sums: (2N,) gate and entropy sums, (1,) token count; float64 (exact token counts far
     beyond fp32's 2**24) except on MPS, which has no float64. The count is not 0-dim: torch.compile (2.13) drops
@@ -52,6 +58,10 @@ def _new_accumulator(num_experts: int, device: torch.device) -> tuple[torch.Tens
 
 
 class HydraLoraLayer(BaseTunerLayer):
+    inference_path: bool = True
+    """Forwards without autograd (``torch.no_grad()`` / ``inference_mode()``: ``generate()``, evaluation) run the
+    update from weights prepared once (see :meth:`_inference_update`); False: every forward runs the training path."""
+
     adapter_layer_names: tuple[str, ...] = ("hydra_A", "hydra_B", "hydra_router")
     other_param_names: tuple[str, ...] = (
         "r",
@@ -85,6 +95,8 @@ class HydraLoraLayer(BaseTunerLayer):
         self._merged_gates: dict[str, torch.Tensor] = {}
         self.cast_input_dtype_enabled = True
         self.dropout_per_head: dict[str, bool] = {}
+        # adapter -> (state of its weights, functional.InferenceWeights, the weights): see _inference_update
+        self._inference_cache: dict[str, tuple] = {}
         # Router outputs of the last forward (kept only for adapters with router_aux_loss_coef > 0, for the balance
         # loss) and running statistics (only while collection is on: see reset_router_stats); never saved.
         self._router_out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -208,6 +220,51 @@ class HydraLoraLayer(BaseTunerLayer):
             self._record_router(adapter, probs, gates)
         return delta
 
+    def _inference_update(self, adapter: str, result: torch.Tensor, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """``result`` + the update of ``adapter`` for tokens ``x`` (tokens, in), computed without autograd from weights
+        prepared once (:func:`functional.prepare_inference`: one GEMM over x for A and the router, fixed gates folded
+        into B; :func:`functional.inference_update`); None where the training path must run (an active dropout, a
+        router in another dtype than A).
+
+        The prepared weights are cached per adapter and prepared again when a weight changes: another tensor, another
+        storage (``.to()``, a replaced ``.data``) or an in-place write (its ``_version``: optimizer steps,
+        ``load_state_dict``, ``merge``-free edits under ``no_grad``); and every forward with autograd on (training)
+        drops the cache. A write through ``.data`` (``p.data.copy_(...)``) bypasses ``_version``: after one made
+        outside training, call ``layer._inference_cache.clear()`` or run a forward with grad enabled.
+        """
+        modules = self._modules
+        if HF.active_dropout(modules["hydra_dropout"]._modules[adapter]) is not None:
+            return None
+        A = _param(modules["hydra_A"]._modules[adapter], "weight")
+        router = modules["hydra_router"]._modules.get(adapter)
+        if router is not None:
+            router = _param(router, "weight")
+            if router.dtype != A.dtype:
+                return None
+        B = _param(modules["hydra_B"], adapter)
+        gates = modules["hydra_gates"]._buffers.get(adapter)
+        state = (_state(A), _state(B), _state(router), _state(gates))
+        entry = self._inference_cache.get(adapter)
+        if entry is None or entry[0] != state:
+            prepared = HF.prepare_inference(
+                A, B, router_weight=router, fixed_gates=gates, router_input=self.router_input[adapter]
+            )
+            # the entry keeps the weights alive, so that the ids in its state cannot be reused by other tensors
+            entry = self._inference_cache[adapter] = (state, prepared, (A, B, router, gates))
+        record = router is not None and (self._collect_stats or self._keep_router_out[adapter])
+        result, gates, probs = HF.inference_update(
+            result,
+            self._cast_input_dtype(x, A.dtype),
+            entry[1],
+            self.scaling[adapter],
+            top_k=self.top_k[adapter],
+            temperature=self.router_temperature[adapter],
+            need_probs=record,
+        )
+        if record:
+            self._record_router(adapter, probs, gates)
+        return result
+
     def _record_router(self, adapter: str, probs: torch.Tensor, gates: torch.Tensor) -> None:
         if _in_backward():
             return  # gradient checkpointing recomputes this forward inside backward(): it was recorded already
@@ -238,8 +295,19 @@ class HydraLoraLayer(BaseTunerLayer):
         x2 = _tokens(x)
         result = modules["base_layer"](x2, *args, **kwargs)
         adapters = modules["hydra_A"]._modules
+        inference = False
+        if torch.is_grad_enabled():
+            if self._inference_cache:  # a training forward: weights may change from here on, prepare them again
+                self._inference_cache.clear()
+        else:
+            inference = self.inference_path and not torch.compiler.is_compiling()
         for adapter in self.active_adapters:
             if adapter in adapters:
+                if inference:
+                    updated = self._inference_update(adapter, result, x2)
+                    if updated is not None:
+                        result = updated
+                        continue
                 delta = self._adapter_delta(adapter, x2, scaled=False)
                 if delta.dtype != result.dtype:
                     delta = delta.to(result.dtype)
@@ -378,6 +446,7 @@ class HydraLoraLayer(BaseTunerLayer):
         self._router_out.pop(adapter_name, None)
         self._router_acc.pop(adapter_name, None)
         self._keep_router_out.pop(adapter_name, None)
+        self._inference_cache.pop(adapter_name, None)
 
 
 class Linear(nn.Module, HydraLoraLayer):
