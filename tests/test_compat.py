@@ -219,3 +219,26 @@ def test_fallback_used_when_peft_lacks_the_private_helper():
         """
     )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- the [compare] harness's methods
+def test_compare_methods_build_on_installed_peft(tiny_llama):
+    """Every compared method's PEFT config builds and wraps a model on the installed peft; Lily only where peft has
+    it (0.19+), else a clear error at config resolution, before anything runs."""
+    from peft_hydra.compare.methods import METHODS, build_peft_config, method_specs
+
+    names = [n for n, (kind, _, _) in METHODS.items() if kind != "full" and (kind != "lily" or hasattr(peft, "LilyConfig"))]
+    common = {"target_modules": ["q_proj", "v_proj", "down_proj"], "layers_to_transform": [0, 1], "num_layers": 2}
+    for spec in method_specs(names, {}):
+        model = get_peft_model(tiny_llama(), build_peft_config(spec, r=2, factor=-1, common=common))
+        assert any(p.requires_grad for p in model.parameters()), spec.name
+
+
+def test_compare_lily_needs_peft_019(monkeypatch):
+    from peft_hydra.compare.methods import method_specs
+
+    monkeypatch.delattr(peft, "LilyConfig", raising=False)  # as on peft 0.18
+    monkeypatch.setattr(peft, "__version__", "0.18.1")
+    with pytest.raises(ValueError, match=r"(?s)'lily' needs peft\.LilyConfig \(peft >= 0\.19\.0\).*peft 0\.18\.1.*Remove"):
+        method_specs(["lora", "lily"], {})
+    assert [s.name for s in method_specs(["lora", "hydralora"], {})] == ["lora", "hydralora"]

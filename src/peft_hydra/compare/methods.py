@@ -89,7 +89,26 @@ def method_specs(methods: list, method_options: dict) -> list[MethodSpec]:
         specs.append(MethodSpec(name=name, kind=kind, options=opts, description=desc, base=base))
     if not specs:
         raise ValueError("`methods` is empty: list at least one of " + ", ".join(METHODS) + ".")
+    check_peft_supports(specs)
     return specs
+
+
+#: kind -> (the PEFT config class it needs, the first peft release that has it)
+NEEDS_PEFT = {"lily": ("LilyConfig", "0.19.0")}
+
+
+def check_peft_supports(specs: list[MethodSpec]) -> None:
+    """Refuse, before anything runs, a method whose PEFT class the installed peft lacks (Lily: peft >= 0.19)."""
+    import peft
+
+    for spec in specs:
+        need = NEEDS_PEFT.get(spec.kind)
+        if need is not None and not hasattr(peft, need[0]):
+            raise ValueError(
+                f"Method {spec.name!r} needs peft.{need[0]} (peft >= {need[1]}); the installed peft {peft.__version__} "
+                f"does not have it. Remove {spec.name!r} from `methods` in the config (every other method works on "
+                f"this peft), or install `peft>={need[1]}`."
+            )
 
 
 def build_peft_config(spec: MethodSpec, r: int, factor: int, common: dict, total_steps: int = 1000):
