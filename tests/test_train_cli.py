@@ -285,3 +285,18 @@ def test_cli_lists_train_and_rejects_bad_values(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--model", "m", "--data", "d", "--output-dir", "o", "--num-experts", "0"])
     assert e.value.code == 2 and "positive integer or 'auto'" in capsys.readouterr().err
+
+
+def test_alpaca_and_dolly_context_joins_the_prompt():
+    """Alpaca's 'input' / Dolly's 'context' next to 'instruction' is part of the prompt, not silently dropped."""
+    from datasets import Dataset
+
+    options = {**sft.DEFAULTS, "format": "plain"}
+    alpaca = Dataset.from_list([{"instruction": "Sum these.", "input": "2 3", "output": "5"},
+                                {"instruction": "Say hi.", "input": "", "output": "hi"}])  # fmt: skip
+    ds, texts, summary = sft.to_sft_dataset(alpaca, _byte_tokenizer(), options)
+    assert [r["prompt"] for r in ds] == ["Sum these.\n\n2 3\n", "Say hi.\n"] and "context 'input'" in summary
+    dolly = Dataset.from_list([{"instruction": "Who?", "context": "Ada wrote it.", "response": "Ada"}])
+    ds, texts, _ = sft.to_sft_dataset(dolly, _byte_tokenizer(), options)
+    assert ds[0]["prompt"] == "Who?\n\nAda wrote it.\n" and ds[0]["completion"] == "Ada"
+    assert texts == ["Who?\n\nAda wrote it.\nAda"]

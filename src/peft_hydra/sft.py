@@ -55,6 +55,8 @@ PAPER_TRAINING: dict[str, Any] = dict(
 #: Options that belong to the adapter (HydraLoraConfig fields), in option names.
 ADAPTER_OPTIONS = ("r", "lora_alpha", "lora_dropout", "num_experts", "target_modules", "router_aux_loss_coef", "top_k")
 
+#: Optional fields appended to an 'instruction' prompt (Alpaca's 'input', Dolly's 'context') unless --context-field.
+CONTEXT_FIELDS = ("input", "context")
 #: (prompt field, answer field) pairs recognised without --prompt-field / --answer-field, in this order.
 KNOWN_PAIRS = (
     ("prompt", "completion"), ("prompt", "answer"), ("prompt", "response"), ("instruction", "output"),
@@ -107,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-field", default=S, help="field holding the prompt (default: detected from "
                    + ", ".join("/".join(pair) for pair in KNOWN_PAIRS) + ")")  # fmt: skip
     g.add_argument("--answer-field", default=S, help="field holding the answer (default: detected, see --prompt-field)")
+    g.add_argument("--context-field", default=S, help="optional field appended to the prompt after a blank line "
+                   "(default: 'input' or 'context' when the prompt field is 'instruction', as in Alpaca / Dolly)")
     g.add_argument("--messages-field", default=S, help="field holding chat messages (default: messages)")
     g.add_argument("--text-field", default=S, help="field holding plain text (loss on every token; default: text)")
     g.add_argument("--format", choices=("auto", "plain", "chat"), default=S,
@@ -326,6 +330,19 @@ def detect_format(columns: list[str], options: dict[str, Any]) -> tuple[str, tup
                      "chat data, 'text' for plain text).")  # fmt: skip
 
 
+def _context_field(columns: list[str], fields: tuple[str, ...], options: dict[str, Any]) -> Optional[str]:
+    """The field appended to the prompt: --context-field, else 'input'/'context' next to an 'instruction' prompt."""
+    explicit = options.get("context_field")
+    if explicit:
+        if explicit not in columns:
+            raise TrainError(f"the data has no field {explicit!r} (its fields: {', '.join(columns)}): fix "
+                             "--context-field.")  # fmt: skip
+        return explicit
+    if fields[0] != "instruction":
+        return None
+    return next((c for c in CONTEXT_FIELDS if c in columns and c not in fields), None)
+
+
 def _check_messages(messages, index: int) -> None:
     ok = isinstance(messages, list) and messages and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
@@ -353,6 +370,7 @@ def to_sft_dataset(ds, tokenizer, options: dict[str, Any]):
         if "{prompt}" not in template:
             raise TrainError(f"--prompt-template must contain {{prompt}}, got {template!r}.")
         prompt_field, answer_field = fields
+        context_field = _context_field(list(ds.column_names), fields, options)
         rows, texts = [], []
         for i, rec in enumerate(ds):
             p, a = rec[prompt_field], rec[answer_field]
@@ -360,6 +378,11 @@ def to_sft_dataset(ds, tokenizer, options: dict[str, Any]):
                 if not isinstance(value, str) or not value.strip():
                     raise TrainError(f"example {i + 1}: field {name!r} must be a non-empty string, got {value!r:.80}. "
                                      "Fix or drop that record.")  # fmt: skip
+            context = rec[context_field] if context_field else None
+            if context is not None and not isinstance(context, str):
+                raise TrainError(f"example {i + 1}: field {context_field!r} must be a string, got {context!r:.80}.")
+            if context and context.strip():
+                p = f"{p}\n\n{context}"
             prompt = template.replace("{prompt}", p)
             if fmt == "chat":
                 rows.append({"prompt": [{"role": "user", "content": prompt}],
@@ -367,7 +390,8 @@ def to_sft_dataset(ds, tokenizer, options: dict[str, Any]):
             else:
                 rows.append({"prompt": prompt, "completion": a})
             texts.append(p + "\n" + a)
-        summary = f"prompt/answer fields {prompt_field!r}/{answer_field!r}, {fmt} format, " + (
+        with_context = f" (+ context {context_field!r})" if context_field else ""
+        summary = f"prompt/answer fields {prompt_field!r}{with_context}/{answer_field!r}, {fmt} format, " + (
             "loss on the answer tokens only" if options["completion_only_loss"] else "loss on prompt and answer"
         )
     elif kind == "messages":
