@@ -62,7 +62,8 @@ class HydraLoraConfig(PeftConfig):
         rank_pattern (`dict`): Per-module rank overrides, ``{regex_or_name: r}``.
         alpha_pattern (`dict`): Per-module alpha overrides, ``{regex_or_name: alpha}``.
         init_weights (`bool`): True (default): ``A`` Kaiming-uniform, the ``B_i`` as ``head_init`` says (zero by
-            default: the adapter starts as the identity), router ``nn.Linear`` default init (or ``router_init_std``). False: ``B`` random too (only for tests).
+            default: the adapter starts as the identity), router ``nn.Linear`` default init (or
+            ``router_init_std``). False: ``B`` random too (only for tests).
         router_input (`str`): What the router sees. ``"x"`` (default, the authors' code): the layer input, router
             in -> N. ``"a"`` (the paper's description): ``A dropout(x)``, router r -> N.
         top_k (`int | None`): None: dense softmax gates. k: keep the k largest gates per token, renormalised to sum 1.
@@ -93,7 +94,7 @@ class HydraLoraConfig(PeftConfig):
               uniform gates and of order ``s * |g - 1/N|`` otherwise, while the heads differ from step 1, so the
               router gets a gradient from step 1. The multi-head random initialisation of R-LoRA (arXiv
               2502.15455), centred so that the model starts where the zero init does (R-LoRA's heads are not
-              centred; anima_lora's "Gaussian jitter" mitigation is the same idea).
+              centred).
             - ``"orthogonal"``: heads writing to disjoint, mutually orthogonal output subspaces
               (``functional.orthogonal_heads``): ``Q`` (out x N*r) with orthonormal columns (QR of a Gaussian
               matrix), head i = columns ``i*r .. (i+1)*r - 1``, then centred as above and scaled so that every
@@ -110,8 +111,8 @@ class HydraLoraConfig(PeftConfig):
         head_init_std (`float`): ``s`` above, the scale of the non-zero head inits (> 0; not used by ``"zero"``).
         router_init_std (`float | None`): None (default): the router keeps ``nn.Linear``'s default init
             (Kaiming-uniform, the authors'). A float: router weight ~ normal(0, router_init_std) (0 = all zero:
-            exactly uniform gates at the start). A small std starts the router near uniform, as the small-std router
-            inits of MoE layers (Switch Transformer, arXiv 2101.03961) and anima_lora do. Needs a learned router.
+            exactly uniform gates at the start). A small std starts the router near uniform, as Switch Transformer's
+            reduced initialisation scale (arXiv 2101.03961) does. Needs a learned router.
         router_aux_loss_warmup_steps (`int`): 0 (default): no warm-up. K > 0: the balance-loss coefficient ramps
             linearly from 0 at optimizer step 0 to ``router_aux_loss_coef`` at step K
             (``functional.aux_loss_warmup_coef``), so that the loss does not pin the gates to uniform before the
