@@ -73,8 +73,8 @@ def router_health(
             "cannot specialise. With the default zero-initialised heads the router gets no gradient until the heads "
             "differ (the cold start). Remedies: head_init='centered' or 'orthogonal' in HydraLoraConfig (non-zero "
             "heads, initial output still zero), router_init_std (e.g. 0.01), and a balance loss no stronger than "
-            "router_aux_loss_coef=1e-3 (0.01 is reported to pin the gates to uniform), with router_aux_loss_warmup_steps. Measure "
-            "specialisation with peft_hydra.routing_report (docs/routing.md)."
+            "router_aux_loss_coef=1e-3 (0.01 is reported to pin the gates to uniform), with "
+            "router_aux_loss_warmup_steps. Measure specialisation with peft_hydra.routing_report (docs/routing.md)."
         )
     if top_gate >= collapse_gate:
         found["collapse"] = (

@@ -142,7 +142,8 @@ def layer_routing(
     )
     if heads is not None:
         sim = head_similarity(heads)
-        out.update(head_abs_cosine=_mean_off_diagonal(sim["abs_cosine"]), head_subspace=_mean_off_diagonal(sim["subspace"]))
+        out["head_abs_cosine"] = _mean_off_diagonal(sim["abs_cosine"])
+        out["head_subspace"] = _mean_off_diagonal(sim["subspace"])
     return out
 
 
