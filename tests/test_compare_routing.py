@@ -65,3 +65,21 @@ def test_general_texts_are_not_in_any_prompt():
     assert texts == D.general_texts(40, used)  # deterministic
     with_context = [p for p in used if p.startswith("Context: ")]
     assert with_context  # the run does use Dolly contexts: they are excluded, not absent
+
+
+def test_budget_of_non_zero_head_inits_is_solved_like_zero_heads():
+    """The solver probes ranks far above out / N, which head_init='orthogonal' refuses: the count ignores the init."""
+    import torch
+
+    from peft_hydra.compare.methods import method_specs, solve_budget
+    from peft_hydra.compare.train import load_model
+
+    base, _, _ = load_model(TINY, "float32")
+    with torch.device("meta"):
+        meta = type(base)(base.config)
+    common = {"target_modules": ["q_proj", "v_proj", "down_proj"], "layers_to_transform": [2], "alpha_over_r": 2.0,
+              "num_experts": 4}  # fmt: skip
+    specs = method_specs(["hydralora", {"name": "o", "base": "hydralora", "head_init": "orthogonal"},
+                          {"name": "c", "base": "hydralora", "head_init": "centered"}], {})  # fmt: skip
+    solved = [solve_budget(meta, s, 1500, common, 0.05) for s in specs]
+    assert len({(s.r, s.params) for s in solved}) == 1 and solved[0].r >= 1

@@ -8,6 +8,7 @@ will see.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -166,6 +167,10 @@ def count_trainable(meta_model: torch.nn.Module, spec: MethodSpec, r: int, facto
         return sum(p.numel() for n, p in full_ft_parameters(model, common))
     import peft
 
+    if spec.kind == "hydra" and spec.options.get("head_init", "zero") != "zero":
+        # the count does not depend on how the heads start, and 'orthogonal' refuses ranks above out / N, which the
+        # budget solver probes on its way to the solution
+        spec = dataclasses.replace(spec, options={**spec.options, "head_init": "zero"})
     pm = peft.get_peft_model(model, build_peft_config(spec, r, factor, common))
     # AdaLoRA's `ranknum` is a frozen counter, but on the meta device it keeps requires_grad=True
     return sum(p.numel() for n, p in pm.named_parameters() if p.requires_grad and ".ranknum" not in n)

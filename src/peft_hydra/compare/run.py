@@ -142,7 +142,8 @@ def prepare(cfg: dict, log=print) -> dict[str, Any]:
     for i, ex in enumerate(all_ex):
         ex["_i"] = i
     log(f"data: {len(tokd['train'])} train, {len(tokd['val'])} val, {len(tokd['eval'])} eval examples, "
-        f"{len({e['category'] for e in all_ex})} categories")  # fmt: skip
+        f"{len({e['category'] for s in ('train', 'val', 'eval') for e in tokd[s]})} categories"
+        + (f", {len(tokd['general'])} general-text paragraphs (forgetting)" if tokd.get("general") else ""))  # fmt: skip
 
     L = num_layers(model)
     top = cfg["top_layers"] or L
@@ -292,7 +293,11 @@ def run_comparison(cfg: dict, output_dir: str, command: str, log=print) -> dict[
                 rec["forgetting"] = rec["general_loss"] - results["forgetting"]["before_loss"]
             results["runs"].append(rec)
             log(f"run {spec.name} seed={seed} lr={lr:g}: eval loss {rec['eval_loss']:.4f}, "
-                f"{rec['s_per_step']:.2f} s/step, {rec['trainable_params']:,} params")  # fmt: skip
+                f"{rec['s_per_step']:.2f} s/step, {rec['trainable_params']:,} params"
+                + (f", routing MI/log N median {rec['routing']['summary']['mi_normalized_median']:.3f}"
+                   if rec.get("routing") else ""))  # fmt: skip
+            for kind, message in (rec.get("routing") or {}).get("health", {}).items():
+                log(f"WARNING: {spec.name} seed={seed}: {message}")
             write()
     write(final=True)
     log("")
