@@ -33,9 +33,16 @@ def _param(container: nn.Module, name: str) -> torch.Tensor:
     """``getattr(container, name)`` for a registered parameter, read from ``_parameters`` directly instead of through
     the ``nn.Module.__getattr__`` fallback (a failed normal lookup, then a Python call, on every access: timed as the
     "parameters as module attributes" alternative of ``benchmarks/bench_overhead.py --choices``). A name that is not
-    a registered parameter (a parametrization, FSDP's flat-parameter views) takes the usual attribute path."""
-    param = container._parameters.get(name)
-    return param if param is not None else getattr(container, name)
+    a registered parameter (a parametrization, FSDP's flat-parameter views) takes the usual attribute path.
+
+    Read by subscript, as ``nn.Module.__getattr__`` does, never with ``dict.get``: DeepSpeed ZeRO-3 replaces
+    ``_parameters`` with a ``ZeROOrderedDict`` whose ``__getitem__`` gathers a partitioned parameter during the forward
+    and registers it with the running module (DeepSpeed's automatic external-parameter detection); ``.get`` bypasses
+    that and returns the empty partition (tests/test_distributed.py)."""
+    try:
+        return container._parameters[name]
+    except KeyError:
+        return getattr(container, name)
 
 
 def _tokens(x: torch.Tensor) -> torch.Tensor:
