@@ -5,7 +5,10 @@ PEFT has no plugin entry point, so ``PeftModel.from_pretrained`` of a HydraLoRA 
 ``peft_hydra-autoload.pth`` (``import _peft_hydra_autoload``) into site-packages; Python runs it at start-up. This
 module only puts a finder on ``sys.meta_path`` (standard library only, a few microseconds): nothing is imported until
 the program imports ``peft``; right after ``peft`` has loaded, ``peft_hydra`` is imported, which registers the PEFT
-type. The finder removes itself at that first ``import peft``.
+type. The finder removes itself once peft's module has run. A lookup that only asks where ``peft`` is
+(``importlib.util.find_spec("peft")``, as transformers and lm-eval do to see whether peft is installed) executes
+nothing, so the finder answers it and stays: the import that follows is the one that registers. Every other name costs
+one string comparison per import (``find_spec`` returns None at once).
 
 Switch it off with the environment variable ``PEFT_HYDRA_AUTOLOAD=0`` (then ``import peft_hydra`` yourself).
 """
@@ -42,6 +45,7 @@ class _Loader:
 
     def exec_module(self, module):
         self.loader.exec_module(module)
+        uninstall()  # peft has run (a failed import keeps the finder, so a retry registers too)
         _register()
 
     def __getattr__(self, name):  # get_resource_reader, is_package, ... of the real loader
@@ -54,8 +58,9 @@ class PeftImportHook:
     def find_spec(self, fullname, path=None, target=None):
         if fullname != "peft":
             return None
-        uninstall()
         for finder in sys.meta_path:
+            if isinstance(finder, PeftImportHook):
+                continue
             find_spec = getattr(finder, "find_spec", None)
             spec = find_spec(fullname, path, target) if find_spec is not None else None
             if spec is not None:
