@@ -474,7 +474,14 @@ def load_model(options: dict[str, Any]):
     dtype = torch.bfloat16 if options["bf16"] else torch.float32
     kw: dict[str, Any] = {"dtype": dtype}
     if options.get("gguf_file"):
+        if options["load_in_4bit"]:
+            raise TrainError("--gguf-file and --load-in-4bit cannot be combined (transformers de-quantizes a GGUF file "
+                             "on load): drop one of them.")  # fmt: skip
         kw["gguf_file"] = options["gguf_file"]
+        import transformers
+
+        if hasattr(transformers, "GgufConfig"):  # transformers 5: otherwise the model stays marked as GGUF-quantized
+            kw["quantization_config"] = transformers.GgufConfig(dequantize=True)  # and the Trainer refuses to train it
     if options["load_in_4bit"]:
         import importlib.util
 
