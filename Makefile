@@ -40,3 +40,17 @@ smoke: setup-compare
 
 bench: setup
 	OMP_NUM_THREADS=2 $(BIN)/python benchmarks/bench_layer.py
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GPU measurements (issue 18; docs/performance.md): benchmarks/gpu_all.py runs every one in a single call.
+#   make gpu-wheels  -> here: the wheels a bare GPU machine lacks, in .gpu_wheels/a and .gpu_wheels/b
+#   make gpu-bench   -> on the GPU machine (plain python3 there): all steps, tables to $(GPU_OUT)
+#   make gpu-dry-run -> here, on the CPU: tiny sizes, checks that every step runs
+GPU_OUT ?= runs/gpu
+.PHONY: gpu-wheels gpu-bench gpu-dry-run
+gpu-wheels:
+	PY=$(BIN)/python benchmarks/gpu_wheels.sh
+gpu-bench:
+	python3 benchmarks/gpu_all.py --out $(GPU_OUT) --wheels $(wildcard .gpu_wheels/a .gpu_wheels/b)
+gpu-dry-run: setup
+	$(BIN)/python benchmarks/gpu_all.py --dry-run --out runs/gpu_dry
