@@ -1,7 +1,8 @@
 """Data-parallel HydraLoRA for real: 2 CPU processes (gloo) launched with torchrun, against a single-process run.
 
-The helper (tests/dist_train_helper.py) trains 3 steps with `accelerate` on the same global batch in 1 process and in
-2 processes (each rank on half of it), with top-k routing (k=1) and DDP's default find_unused_parameters=False.
+The helper (tests/dist_train_helper.py) trains 3 steps on the same global batch in 1 process and in 2 processes (each
+rank on half of it), with top-k routing (k=1): DDP through `accelerate` (find_unused_parameters=False), FSDP2, and
+DeepSpeed ZeRO-2 / ZeRO-3 / ZeRO-3 with CPU offload on the shipped config files (DeepSpeed's CPU accelerator).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def _run(out, *extra, nproc=1):
                "--master_addr=127.0.0.1", f"--master_port={_free_port()}", HELPER, str(out), *extra]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return [torch.load(os.path.join(out, f"result_rank{r}.pt")) for r in range(nproc)]
+    return [{**torch.load(os.path.join(out, f"result_rank{r}.pt")), "out": str(out)} for r in range(nproc)]
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,46 @@ def test_fsdp2_two_processes_match_single_process(single, tmp_path):
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "stage, config",
+    [
+        (2, ["--ds-config", "configs/deepspeed_zero2.json"]),
+        # the shipped ZeRO-3 setup as `accelerate launch` names it; the persistence threshold is "auto" (10 x hidden):
+        # the B heads are partitioned, A and the router (smaller) stay whole
+        (3, ["--accelerate-config", "configs/accelerate_deepspeed_zero3.yaml"]),
+        # parameters and optimizer state offloaded to CPU, and every parameter partitioned however small
+        (3, ["--ds-config", "configs/deepspeed_zero3_offload.json", "--persistence-threshold", "0"]),
+    ],
+    ids=["zero2", "zero3", "zero3-offload"],
+)
+def test_deepspeed_two_processes_match_single_process(single, tmp_path, stage, config):
+    """DeepSpeed trains HydraLoRA as one process does, and (ZeRO-3) the adapter saved from the run loads without
+    DeepSpeed and gives the single-process model's outputs. ZeRO-3 gathers a module's parameters when the module is
+    called; the HydraLoRA layer reads hydra_B (a ParameterDict entry) and the weights of hydra_A / hydra_router itself,
+    which DeepSpeed gathers through its _parameters dict (layer._param)."""
+    pytest.importorskip("deepspeed")
+    ranks = _run(tmp_path, "--mode", "deepspeed", *[os.path.join(ROOT, c) if c.endswith((".json", ".yaml")) else c for c in config], nproc=2)
+    assert ranks[0]["world"] == 2 and ranks[0]["backend"] == "gloo"
+    _assert_same_training(single, ranks[0])
+    hydra_partitioned = {k.rsplit(".hydra_", 1)[1].split(".")[0] for k in ranks[0]["partitioned"] if ".hydra_" in k}
+    if stage == 2:
+        assert ranks[0]["partitioned"] == []
+        return
+    assert "B" in hydra_partitioned, ranks[0]["partitioned"]
+    if "--persistence-threshold" in config:
+        assert hydra_partitioned == {"A", "B", "router"}
+
+    from peft import PeftModel
+
+    from conftest import make_tiny_llama
+
+    probe = torch.load(os.path.join(single["out"], "probe.pt"))
+    loaded = PeftModel.from_pretrained(make_tiny_llama(), os.path.join(tmp_path, "adapter")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=probe["ids"]).logits, probe["logits"], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

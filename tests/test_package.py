@@ -148,62 +148,115 @@ def test_cli_unknown_command_and_help():
 
 
 # ------------------------------------------------------------------------------------- fresh installs
-LOAD = """
-    import sys
-    assert "peft_hydra" not in sys.modules
-    from peft import PeftModel
-    from transformers import LlamaForCausalLM
-    try:
-        model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained({base!r}), {adapter!r})
-    except KeyError as e:
-        print("KEYERROR", e)
-    else:
-        print("LOADED", type(model.base_model).__name__, sys.modules["peft_hydra"].__file__)
-    """
+# `pip install peft-hydra` (regular and editable) into a new virtual environment, built once per test session and
+# shared by the tests below and tests/test_lm_eval.py. The new environment sees this environment's packages (torch, peft,
+# transformers, lm-eval, setuptools) through a .pth line, so only peft-hydra itself is installed (no download). Every
+# check runs in a fresh interpreter of that environment that never imports peft_hydra: the start-up hook installed
+# with the package (src/_peft_hydra_autoload.py) must register HydraLoRA whichever way peft gets imported.
+INSTALLS = ["regular", "editable"]
 
 
-@pytest.fixture(scope="module")
-def saved_adapter(tmp_path_factory):
+def fresh_install(kind: str, tmp_path_factory) -> tuple[Path, Path]:
+    """(python, site-packages) of a new virtual environment with this repository installed (``kind``: "regular" or
+    "editable"); created on first use in the session's temporary folder and reused after that."""
+    venv = tmp_path_factory.getbasetemp() / f"fresh-install-{kind}"
+    python = venv / "bin" / "python"
+    ready = venv / "ready"
+    if not ready.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", "--without-pip", str(venv)], check=True, timeout=300)
+        site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        # this environment's site-packages (pip and setuptools too) as a plain path entry: its .pth files (our hook
+        # among them) do not run there
+        Path(site, "outer-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+        install = [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+        proc = subprocess.run([*install, *(["-e"] if kind == "editable" else []), str(REPO)], capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert Path(site, "peft_hydra-autoload.pth").read_text().strip() == "import _peft_hydra_autoload"
+        ready.write_text(site)
+    return python, Path(ready.read_text())
+
+
+def tiny_base_and_adapter(tmp_path_factory) -> Path:
+    """A folder with ``base/`` (a tiny Llama with a word-level tokenizer, as a local model folder), ``adapter/`` (a
+    HydraLoRA adapter whose adapter_config.json names that folder as its base model; random B, so it changes the
+    outputs) and ``probe.pt`` (input ids and the adapted model's logits). Made once per session."""
+    folder = tmp_path_factory.getbasetemp() / "tiny-base-and-adapter"
+    if (folder / "probe.pt").exists():
+        return folder
+    import torch
     from peft import get_peft_model
+    from transformers import LlamaForCausalLM
 
-    from conftest import make_tiny_llama
+    from conftest import VOCAB, make_tiny_llama
+    from test_trainer import _char_tokenizer
 
-    folder = tmp_path_factory.mktemp("autoload")
-    base = make_tiny_llama()
-    base.save_pretrained(folder / "base")
-    get_peft_model(base, peft_hydra.HydraLoraConfig(r=2, num_experts=2, target_modules=["q_proj"])).save_pretrained(
-        folder / "adapter"
-    )
+    make_tiny_llama().save_pretrained(folder / "base")
+    _char_tokenizer().save_pretrained(folder / "base")
+    config = peft_hydra.HydraLoraConfig(r=2, num_experts=2, target_modules=["q_proj", "v_proj"], init_weights=False)
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(folder / "base"), config).eval()
+    model.save_pretrained(folder / "adapter")
+    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model(input_ids=ids).logits}, folder / "probe.pt")
     return folder
 
 
-@pytest.mark.parametrize("editable", [False, True], ids=["regular", "editable"])
-def test_fresh_install_loads_adapters_without_import(tmp_path, saved_adapter, editable):
-    """`pip install peft-hydra` (regular and editable) into a new virtual environment: a script that never imports
-    peft_hydra loads a HydraLoRA adapter with PeftModel.from_pretrained; PEFT_HYDRA_AUTOLOAD=0 switches that off.
+# how a program gets a HydraLoRA adapter without `import peft_hydra`; each prints the largest difference to the logits
+# of the model that saved it
+LOADERS = {
+    "peft": """
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), ADAPTER)
+        """,
+    # transformers and lm-eval ask whether peft is installed this way before they import it
+    "find_spec-then-peft": """
+        import importlib.util
+        assert importlib.util.find_spec("peft") is not None and "peft" not in sys.modules
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), ADAPTER)
+        """,
+    # transformers' own PEFT integration: the adapter folder as the model (base from adapter_config.json)
+    "transformers": """
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(ADAPTER)
+        assert any(".hydra_B." in n for n, _ in model.named_parameters())
+        """,
+}
+LOAD = """
+    import sys
+    import torch
+    BASE, ADAPTER, PROBE = {base!r}, {adapter!r}, torch.load({probe!r})
+    assert "peft_hydra" not in sys.modules
+    try:
+{loader}
+    except KeyError as e:
+        print("KEYERROR", e)
+    else:
+        with torch.no_grad():
+            diff = (model.eval()(input_ids=PROBE["ids"]).logits - PROBE["logits"]).abs().max().item()
+        print("LOADED", diff, sys.modules["peft_hydra"].__file__)
+    """
 
-    The new environment sees this environment's packages (torch, peft, transformers, setuptools) through a .pth line,
-    so only peft-hydra itself is installed (no download)."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
-    python = venv / "bin" / "python"
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-    # this environment's site-packages (pip and setuptools too) as a plain path entry: its .pth files (our hook
-    # among them) do not run there
-    Path(site, "outer-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    install = [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
-    proc = subprocess.run([*install, *(["-e"] if editable else []), str(REPO)], capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert Path(site, "peft_hydra-autoload.pth").read_text().strip() == "import _peft_hydra_autoload"
 
-    code = LOAD.format(base=str(saved_adapter / "base"), adapter=str(saved_adapter / "adapter"))
+@pytest.mark.parametrize("loader", list(LOADERS))
+@pytest.mark.parametrize("kind", INSTALLS)
+def test_fresh_install_loads_adapters_without_import(tmp_path_factory, kind, loader):
+    """A script that never imports peft_hydra loads a HydraLoRA adapter, each way a program does it, after a regular
+    and an editable install; the outputs are those of the saved model. PEFT_HYDRA_AUTOLOAD=0 switches that off."""
+    python, site = fresh_install(kind, tmp_path_factory)
+    folder = tiny_base_and_adapter(tmp_path_factory)
+    code = LOAD.format(base=str(folder / "base"), adapter=str(folder / "adapter"), probe=str(folder / "probe.pt"),
+                       loader=textwrap.indent(textwrap.dedent(LOADERS[loader]), " " * 8))  # fmt: skip
     loaded = _python(code, python=python)
-    assert loaded.returncode == 0, loaded.stderr[-3000:]
-    assert loaded.stdout.startswith("LOADED HydraLoraModel"), loaded.stdout + loaded.stderr[-2000:]
-    installed_file = loaded.stdout.split()[-1]
-    assert (installed_file.startswith(str(SRC)) if editable else installed_file.startswith(site)), installed_file
+    assert loaded.returncode == 0, loaded.stdout + loaded.stderr[-3000:]
+    assert loaded.stdout.startswith("LOADED"), loaded.stdout + loaded.stderr[-2000:]
+    _, diff, installed_file = loaded.stdout.split()
+    assert float(diff) < 1e-5, loaded.stdout
+    assert (installed_file.startswith(str(SRC)) if kind == "editable" else installed_file.startswith(str(site))), installed_file
 
     off = _python(code, python=python, PEFT_HYDRA_AUTOLOAD="0")
-    assert off.returncode == 0 and off.stdout.startswith("KEYERROR") and "HYDRALORA" in off.stdout, off.stdout
+    assert "KEYERROR" in off.stdout and "HYDRALORA" in off.stdout, off.stdout + off.stderr[-2000:]
