@@ -42,6 +42,55 @@ bench: setup
 	OMP_NUM_THREADS=2 $(BIN)/python benchmarks/bench_layer.py
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The supported range (docs/versions.md): the tuner's tests in side virtual environments (CI runs both: .ci/run).
+#   make test-oldest -> the oldest supported set: LLaMA-Factory 0.9.5's pins (peft 0.18.1, transformers 5.6.0)
+#   make test-newest -> the newest peft and transformers the registry serves, NOT pinned (forward compatibility: a new
+#                       release is tried the day it appears; every run upgrades them)
+#   make test-matrix -> both (in parallel with make -j2)
+OLDEST_PINS ?= peft==0.18.1 transformers==5.6.0
+TUNER_TESTS ?= tests/test_model.py tests/test_layer.py tests/test_functional.py tests/test_save_load.py \
+	tests/test_hub.py tests/test_gates.py tests/test_export.py tests/test_registry.py tests/test_compat.py \
+	tests/test_peft_conformance.py
+# besides the package: pytest, and what PEFT's own test helpers import (tests/test_peft_conformance.py)
+MATRIX_DEPS := pytest datasets diffusers
+# never let a newer transformers pull another (multi-GB CUDA) torch: resolution fails instead
+TORCH_PIN := torch==2.13.0
+# the editable installs run one at a time: they all write src/peft_hydra.egg-info
+INSTALL_LOCK := flock /tmp/peft-hydra-editable-install.lock
+MATRIX_ENV := OMP_NUM_THREADS=1
+
+.venv-%/.base:
+	rm -rf .venv-$*
+	$(PY) -m venv .venv-$*
+	.venv-$*/bin/python -m pip install -q --upgrade pip
+	.venv-$*/bin/python -m pip install -q $(TORCH_PIN)
+	echo "$(TORCH_PIN)" > .venv-$*/constraints.txt
+	touch $@
+
+# pins first, then the package WITH its dependencies: fails if peft-hydra's install_requires refuses the pinned set
+.venv-oldest/.installed: .venv-oldest/.base setup.cfg setup.py pyproject.toml
+	.venv-oldest/bin/python -m pip install -q -c .venv-oldest/constraints.txt $(OLDEST_PINS) $(MATRIX_DEPS)
+	$(INSTALL_LOCK) .venv-oldest/bin/python -m pip install -q -c .venv-oldest/constraints.txt -e . $(OLDEST_PINS)
+	touch $@
+
+.PHONY: test-oldest test-newest test-matrix newest-upgrade
+.PRECIOUS: .venv-%/.base
+test-oldest: .venv-oldest/.installed
+	@.venv-oldest/bin/python -c 'import peft, transformers, torch; print("test-oldest: peft", peft.__version__, "transformers", transformers.__version__, "torch", torch.__version__)'
+	$(MATRIX_ENV) .venv-oldest/bin/python -m pytest -q -p no:cacheprovider $(TUNER_TESTS) $(PYTEST_ARGS)
+
+# the package without its version caps (--no-deps), so that even a peft beyond setup.cfg's cap is tried
+newest-upgrade: .venv-newest/.base
+	.venv-newest/bin/python -m pip install -q --upgrade -c .venv-newest/constraints.txt peft transformers safetensors $(MATRIX_DEPS)
+	$(INSTALL_LOCK) .venv-newest/bin/python -m pip install -q --no-deps -e .
+
+test-newest: newest-upgrade
+	@.venv-newest/bin/python -c 'import peft, transformers, torch; print("test-newest: peft", peft.__version__, "transformers", transformers.__version__, "torch", torch.__version__)'
+	$(MATRIX_ENV) .venv-newest/bin/python -m pytest -q -p no:cacheprovider $(TUNER_TESTS) $(PYTEST_ARGS)
+
+test-matrix: test-oldest test-newest
+
+# ---------------------------------------------------------------------------------------------------------------------
 # GPU measurements (issue 18; docs/performance.md): benchmarks/gpu_all.py runs every one in a single call.
 #   make gpu-wheels  -> here: the wheels a bare GPU machine lacks, in .gpu_wheels/a and .gpu_wheels/b
 #   make gpu-bench   -> on the GPU machine (plain python3 there): all steps, tables to $(GPU_OUT)
