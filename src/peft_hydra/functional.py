@@ -211,15 +211,16 @@ def delta_2d(
 
 
 class InferenceWeights(NamedTuple):
-    """The update of one adapter prepared for inference by :func:`prepare_inference` (views of the parameters where
-    possible, so they follow in-place changes; ``w_in`` and a folded ``b_mix`` are copies)."""
+    """The update of one adapter prepared for inference by :func:`prepare_inference`: contiguous copies in the
+    layouts the GEMMs read fastest (a strided view of B made the top-1 gather 2x and the dense ``addmm`` 1.2x slower
+    at SmolLM2 width, one token, CPU), so the caller must prepare them again when a weight changes."""
 
     w_in: torch.Tensor  # (in, rows + N): [A; W_router]^T for a router on x; else A^T (in, rows)
     rows: int  # rows of A: r, or N*r for one A per head
     n: int  # heads whose gates are computed per token (1: none, fixed gates folded into b_mix)
     router_h: Optional[torch.Tensor]  # (N, rows) for router_input="a"; else None
     b_mix: torch.Tensor  # (N*r, out) = B.view(out, N*r).T; with fixed gates or N = 1 the folded (rows, out)
-    b_heads: Optional[torch.Tensor]  # (N, r, out): B per head, for the top-1 gather (shared A only)
+    b_heads: Optional[torch.Tensor]  # (N, r, out): B per head, for the top-1 gather (top_k=1, shared A only)
 
 
 def prepare_inference(
@@ -229,27 +230,29 @@ def prepare_inference(
     router_weight: Optional[torch.Tensor],
     fixed_gates: Optional[torch.Tensor],
     router_input: str,
+    top_k: Optional[int] = None,
 ) -> InferenceWeights:
     """The weights :func:`inference_update` needs, prepared once: the router on x joins A in ONE weight ``[A;
     W_router]`` (one GEMM over x for both); fixed gates (and N = 1) are folded into B (``gated_heads``), so that
-    the update is two GEMMs as LoRA's."""
+    the update is two GEMMs as LoRA's. With ``top_k=1`` the heads are also laid out per head for the gather."""
     out_features, n, r = B.shape
     rows = A.shape[0]
     if router_weight is None:
         if n == 1:
-            b_mix = B.view(out_features, r).t()
+            b_mix = B.view(out_features, r).t().contiguous()
         else:
-            b_mix = gated_heads(B, fixed_gates, shared_a=rows == r).t()
-        return InferenceWeights(A.t(), rows, 1, None, b_mix, None)
+            b_mix = gated_heads(B, fixed_gates, shared_a=rows == r).t().contiguous()
+        return InferenceWeights(A.t().contiguous(), rows, 1, None, b_mix, None)
     if router_weight.dtype != A.dtype:
         raise ValueError(
             f"prepare_inference needs the router in A's dtype ({A.dtype}), got {router_weight.dtype}: cast the "
             "adapter to one dtype (the layer runs the training path for such an adapter)."
         )
-    w_in = (torch.cat([A, router_weight]) if router_input == "x" else A).t()  # torch.mm(x, w_in): no transpose op
+    w_in = (torch.cat([A, router_weight]) if router_input == "x" else A).t().contiguous()  # torch.mm(x, w_in)
     router_h = router_weight if router_input != "x" else None
-    b_heads = B.permute(1, 2, 0) if rows == r else None
-    return InferenceWeights(w_in, rows, n, router_h, B.view(out_features, n * r).t(), b_heads)
+    b_heads = B.permute(1, 2, 0).contiguous() if rows == r and top_k == 1 else None
+    b_mix = B.view(out_features, n * r).t().contiguous()
+    return InferenceWeights(w_in, rows, n, router_h, b_mix, b_heads)
 
 
 def inference_update(

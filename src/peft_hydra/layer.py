@@ -254,8 +254,9 @@ class HydraLoraLayer(BaseTunerLayer):
         entry = self._inference_cache.get(adapter)
         if entry is None or entry[0] != state:
             prepared = HF.prepare_inference(
-                A, B, router_weight=router, fixed_gates=gates, router_input=self.router_input[adapter]
-            )
+                A, B, router_weight=router, fixed_gates=gates, router_input=self.router_input[adapter],
+                top_k=self.top_k[adapter],
+            )  # fmt: skip
             # the entry keeps the weights alive, so that the ids in its state cannot be reused by other tensors
             entry = self._inference_cache[adapter] = (state, prepared, (A, B, router, gates))
         record = router is not None and (self._collect_stats or self._keep_router_out[adapter])
