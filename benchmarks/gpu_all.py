@@ -23,8 +23,9 @@ Steps, in this order (the most wanted figures first, the slowest compile last):
 
 Each step's output goes to ``<out>/<step>.txt`` (decode also ``decode.json``; the harness its ``results.md`` as
 ``harness_results.md``) and ``<out>/summary.md`` lists every step with its status, time and
-command. A step that fails or runs out of time is recorded and the next one runs. ``--budget`` (seconds, default
-450) bounds the whole run: no step starts with less than 20 s left, and every step's timeout is cut to what is
+command, after the versions of Python, torch, transformers, peft and gguf that the steps import and the GPU's name.
+A step that fails or runs out of time is recorded and the next one runs. ``--budget`` (seconds, default 450)
+bounds the whole run: no step starts with less than 20 s left, and every step's timeout is cut to what is
 left. At most 8 files are written (what the device tool brings back).
 """
 
@@ -124,8 +125,11 @@ def environment(env: dict) -> str:
         "    except Exception as e:\n"
         "        print(name, 'NOT importable:', type(e).__name__, e)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    return (proc.stdout + proc.stderr).strip()
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    except subprocess.TimeoutExpired:
+        return "environment not read: the import of torch, transformers and peft took over 60 s"
+    return (proc.stdout + proc.stderr).strip()[-3000:]
 
 
 def main(argv=None) -> int:
@@ -148,7 +152,7 @@ def main(argv=None) -> int:
     steps = [s for s in (args.only or STEPS) if s not in args.skip]
     if "install" in steps and not args.wheels:
         steps.remove("install")
-    rows = []
+    rows, info = [], None
     with tempfile.TemporaryDirectory() as tmp:
         harness_dir = Path(tmp) / "harness"
         commands = step_commands(args, out, harness_dir)
@@ -157,6 +161,9 @@ def main(argv=None) -> int:
             if step not in commands and step != "install":
                 rows.append((step, "not run in a dry run", 0.0, ""))
                 continue
+            if info is None and step != "install":  # after the install: the versions the steps import
+                info = environment(env)
+                left = args.budget - (time.monotonic() - start)
             if left < 20:
                 rows.append((step, "not run: budget spent", 0.0, ""))
                 continue
@@ -186,7 +193,8 @@ def main(argv=None) -> int:
                     shutil.copy(harness_dir / "results.md", out / "harness_results.md")
             if step == "install" and rc != 0:
                 print(f"install failed: see {out / 'install.txt'}", file=sys.stderr)
-        info = environment(env)
+        if info is None:
+            info = environment(env)
     lines = ["# GPU measurements (benchmarks/gpu_all.py)", "", "```", info, "```", "",
              f"command: `{' '.join(shlex.quote(a) for a in [sys.executable, *sys.argv])}`"
              + (" (DRY RUN on the CPU: tiny sizes, the figures say nothing about a GPU)" if args.dry_run else ""),
