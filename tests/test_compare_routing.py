@@ -83,3 +83,28 @@ def test_budget_of_non_zero_head_inits_is_solved_like_zero_heads():
                           {"name": "c", "base": "hydralora", "head_init": "centered"}], {})  # fmt: skip
     solved = [solve_budget(meta, s, 1500, common, 0.05) for s in specs]
     assert len({(s.r, s.params) for s in solved}) == 1 and solved[0].r >= 1
+
+
+def test_runs_of_disjoint_seeds_merge_into_the_joint_run(tmp_path, capsys):
+    cfg = {
+        "model": TINY,
+        "data": {"sources": ["conflict4"], "train_per_category": 2, "val_per_category": 0, "eval_per_category": 2,
+                 "max_length": 40, "max_answer_tokens": 8},
+        "top_layers": 1, "budget": None, "r": 2, "num_experts": 2, "steps": 2, "batch_size": 4, "lr": 1e-3,
+        "bootstrap": 50, "cache_dir": None, "forgetting": 3, "methods": ["lora", "hydralora"], "seeds": [0, 1],
+    }  # fmt: skip
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    for name, extra in (("joint", []), ("s0", ["--seeds", "0"]), ("s1", ["--seeds", "1"])):
+        assert main(["compare", "--config", str(path), "--output", str(tmp_path / name), *extra]) == 0
+    assert main(["report", "--merge", str(tmp_path / "merged"), str(tmp_path / "s0"), str(tmp_path / "s1")]) == 0
+    joint = json.loads((tmp_path / "joint" / "results.json").read_text())
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert merged["finished"] and merged["config"]["seeds"] == [0, 1] and len(merged["merged_from"]) == 2
+    for key in ("paired_vs_reference", "forgetting_by_method", "routing_by_method"):
+        assert merged[key] == joint[key], key
+    assert "merged (`peft-hydra report --merge`)" in (tmp_path / "merged" / "results.md").read_text()
+    # the same seed twice is refused
+    capsys.readouterr()
+    assert main(["report", "--merge", str(tmp_path / "bad"), str(tmp_path / "s0"), str(tmp_path / "joint")]) == 2
+    assert "already in an earlier run" in capsys.readouterr().err

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("dir", nargs="+", help="Comparison output folder(s) holding results.json")
     r.add_argument("--table", action="store_true",
                    help="Print one markdown table of all the given folders instead of rewriting their reports")
+    r.add_argument("--merge", metavar="OUT",
+                   help="Merge the given runs of one config with disjoint seeds (e.g. run as parallel processes "
+                        "with --seeds) into one comparison written to OUT")
     return parser
 
 
@@ -55,6 +58,17 @@ def main(argv=None) -> int:
                 return 2
         if args.table:
             print(runs_table(args.dir))
+            return 0
+        if args.merge:
+            from .report import merge_runs
+
+            try:
+                merged = merge_runs(args.dir, args.merge)
+            except ValueError as e:
+                print(f"peft-hydra report: {e}", file=sys.stderr)
+                return 2
+            print("\n".join(summary_lines(merged)))
+            print(f"wrote {args.merge}/results.md, results.json and plots")
             return 0
         for d in args.dir:
             files = rewrite(d)

@@ -358,6 +358,51 @@ def rewrite(output_dir: str) -> list[str]:
     return sorted(p for p in os.listdir(output_dir) if p.endswith((".png", ".md", ".json")))
 
 
+def merge_runs(dirs: list[str], output_dir: str) -> dict:
+    """One comparison from several runs of the same config with disjoint seeds (e.g. seeds run as parallel
+    processes: ``--seeds 0`` and ``--seeds 1``): the runs are concatenated and every statistic recomputed. Refused
+    unless the configs (seeds aside), the eval examples, the base model's general-text losses and every method's
+    learning rate agree. ``wall_s`` is the sum of the runs' wall times; ``merged_from`` lists the runs."""
+    parts = []
+    for d in dirs:
+        with open(os.path.join(d, "results.json")) as f:
+            parts.append(json.load(f))
+    first = parts[0]
+    strip = lambda c: {k: v for k, v in c.items() if k != "seeds"}  # noqa: E731
+    seen_seeds: set = set()
+    for d, p in zip(dirs, parts):
+        if strip(p["config"]) != strip(first["config"]):
+            diff = sorted(k for k in set(p["config"]) | set(first["config"])
+                          if k != "seeds" and p["config"].get(k) != first["config"].get(k))  # fmt: skip
+            raise ValueError(f"merge: {d} has a different config from {dirs[0]} (fields {diff}).")
+        if p["data"]["eval_ids"] != first["data"]["eval_ids"]:
+            raise ValueError(f"merge: {d} was evaluated on other examples than {dirs[0]}.")
+        fg, fg0 = p.get("forgetting") or {}, first.get("forgetting") or {}
+        if fg.get("before_example_losses") is not None and not np.allclose(
+                fg["before_example_losses"], fg0["before_example_losses"], atol=1e-5):  # fmt: skip
+            raise ValueError(f"merge: {d}'s base-model general-text losses differ from {dirs[0]}'s.")
+        seeds = {r["seed"] for r in p["runs"]}
+        if seeds & seen_seeds:
+            raise ValueError(f"merge: seed(s) {sorted(seeds & seen_seeds)} of {d} are already in an earlier run.")
+        seen_seeds |= seeds
+        lrs = {r["method"]: r["lr"] for r in p["runs"]}
+        lrs0 = {r["method"]: r["lr"] for r in first["runs"]}
+        if any(m in lrs0 and lrs0[m] != lr for m, lr in lrs.items()):
+            raise ValueError(f"merge: {d} trained a method at another learning rate than {dirs[0]}.")
+    merged = dict(first)
+    merged["runs"] = sorted((r for p in parts for r in p["runs"]), key=lambda r: r["seed"])
+    merged["config"] = dict(first["config"], seeds=sorted(seen_seeds))
+    merged["command"] = " ; ".join(p["command"] for p in parts)
+    merged["wall_s"] = sum(p["wall_s"] for p in parts)
+    merged["merged_from"] = [{"dir": d, "command": p["command"], "wall_s": p["wall_s"],
+                              "seeds": sorted({r["seed"] for r in p["runs"]}), "finished": bool(p.get("finished"))}
+                             for d, p in zip(dirs, parts)]  # fmt: skip
+    os.makedirs(output_dir, exist_ok=True)
+    examples = [{"id": i, "source": i.split("/")[0]} for i in merged["data"]["eval_ids"]]
+    write_results(merged, examples, output_dir, merged["config"], final=all(p.get("finished") for p in parts))
+    return merged
+
+
 def _fmt(x, nd=4):
     return "-" if x is None else f"{x:.{nd}f}"
 
@@ -377,6 +422,9 @@ def markdown(res: dict, plots: list[str]) -> str:
              f"{m['torch_threads']}, device {m['device']}, torch {m['torch']}, Python {m['python']}")  # fmt: skip
     L.append(f"- Command: `{res['command']}`")
     L.append(f"- Wall time of the whole run: {res['wall_s']:.0f} s ({res['wall_s'] / 60:.1f} min)")
+    for part in res.get("merged_from") or []:
+        L.append(f"  - merged (`peft-hydra report --merge`) from `{part['dir']}`: seeds {part['seeds']}, "
+                 f"{part['wall_s']:.0f} s, `{part['command']}`" + ("" if part["finished"] else " (UNFINISHED)"))
     d = res["data"]
     L.append(f"- Data: sources {d['sources']}; {d['n']['train']} train / {d['n']['val']} validation (carved from "
              f"train, used only for the lr sweep) / {d['n']['eval']} eval examples over {len(d['categories'])} "
