@@ -55,11 +55,11 @@ def step_commands(args, out: Path, harness_dir: Path) -> dict[str, tuple[list[st
     if args.dry_run:
         return {
             "bench_gpu": ([py, f"{bench}/bench_gpu.py", "--device", "cpu", "--dtype", "float32", "--dry-run",
-                           "--no-compile", "--rows", SMOL_ROW], 240),  # every row has the same tiny shape here
+                           "--no-compile", "--rows", SMOL_ROW], 600),  # every row has the same tiny shape here
             "decode": ([py, f"{bench}/bench_decode.py", "--quick", "--sizes", "tiny", "--batches", "1", "--new-tokens",
-                        "3", "--repeats", "1", "--json", str(out / "decode.json")], 240),
+                        "3", "--repeats", "1", "--json", str(out / "decode.json")], 600),
             "harness": ([py, "-m", "peft_hydra.compare", "--config", str(REPO / "configs/gpu_dry.yaml"), "--output",
-                         str(harness_dir)], 300),
+                         str(harness_dir)], 600),
         }  # fmt: skip (no "compiled" step: torch.compile on the CPU takes minutes)
     return {
         "bench_gpu": ([py, f"{bench}/bench_gpu.py", "--no-compile"], 150),
