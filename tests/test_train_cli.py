@@ -109,7 +109,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_train_command_end_to_end_under_accelerate_ddp(base_dir, data_file, tmp_path):
+def test_train_command_end_to_end_under_accelerate_ddp(base_dir, data_file, tmp_path, monkeypatch):
     """`accelerate launch --config_file configs/accelerate_ddp.yaml peft-hydra train ...` with 2 CPU processes (gloo),
     the installed console script, fresh interpreters: trains, logs router statistics, saves adapter + card +
     tokenizer, reloads."""
@@ -124,7 +124,7 @@ def test_train_command_end_to_end_under_accelerate_ddp(base_dir, data_file, tmp_
     assert "\nuse_cpu: false\n" in shipped
     launch_config = tmp_path / "ddp_cpu.yaml"  # the shipped DDP config, with its documented CPU setting
     launch_config.write_text(shipped.replace("\nuse_cpu: false\n", "\nuse_cpu: true\n"))
-    out = tmp_path / "adapter"
+    out = tmp_path / "out" / "adapter"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config),
            "--main_process_port", str(_free_port()), *_script(), "train", "--model", base_dir, "--data", data_file,
            "--output-dir", str(out), "--num-experts", "auto", "--router-aux-loss-coef", "0.01",
@@ -162,6 +162,14 @@ def test_train_command_end_to_end_under_accelerate_ddp(base_dir, data_file, tmp_
         after = model(ids).logits
     assert isinstance(model.base_model, peft_hydra.HydraLoraModel)
     assert (after - before).abs().max() > 1e-3  # the trained adapter, not the identity it starts as
+
+    monkeypatch.chdir(tmp_path)  # docs/training.md's loading snippet, as written there
+    import peft_hydra  # registers the HydraLoRA PEFT type
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained("out/adapter")
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(ids).logits, after, atol=1e-5)
 
 
 def test_paper_preset_and_overrides(chat_base_dir, data_file, tmp_path):
