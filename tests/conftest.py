@@ -5,6 +5,8 @@ Keep this module small and generic: other test modules (tuner, comparison harnes
 - ``tiny_llama`` / ``tiny_gpt2``: factories returning a fresh, seeded, eval-mode model each call
   (``tiny_llama(seed=0, **config_overrides)``), so that two calls give two identical base models.
 - ``input_ids``: a small (2, 6) batch of token ids for those models.
+- ``hydra(**kw)``: a ``HydraLoraConfig`` on every Llama linear with random heads (non-identity), ``logits(model, ids)``,
+  and ``IdsDataset``: token-id sequences as a causal-LM dataset for ``transformers.Trainer``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,31 @@ def make_tiny_gpt2(seed: int = 0, **overrides):
     kwargs.update(overrides)
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config(**kwargs)).eval()
+
+
+def hydra(**kw):
+    """A HydraLoraConfig on every Llama linear with random B heads (so the adapter is not the identity)."""
+    kw.setdefault("target_modules", peft_hydra.LLAMA_LIKE_TARGET_MODULES)
+    kw.setdefault("init_weights", False)
+    return peft_hydra.HydraLoraConfig(**kw)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+class IdsDataset(torch.utils.data.Dataset):
+    """Token-id sequences (n, length) as a causal-LM dataset: input_ids, attention_mask, labels."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
 
 
 @pytest.fixture

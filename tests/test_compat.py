@@ -15,18 +15,9 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from peft_hydra import LLAMA_LIKE_TARGET_MODULES, HydraLoraConfig, _compat
+from conftest import hydra, logits  # noqa: E402
+from peft_hydra import _compat
 
-
-def hydra(**kw):
-    kw.setdefault("target_modules", LLAMA_LIKE_TARGET_MODULES)
-    kw.setdefault("init_weights", False)
-    return HydraLoraConfig(**kw)
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 def trainable(model) -> list[str]:

@@ -13,7 +13,7 @@ import peft_hydra
 from peft_hydra import HydraLoraConfig
 from peft_hydra import functional as HF
 
-from conftest import VOCAB  # noqa: E402
+from conftest import VOCAB, IdsDataset  # noqa: E402
 
 TARGETS = ["q_proj", "up_proj", "down_proj"]
 
@@ -377,17 +377,6 @@ def test_routing_report_keeps_the_collection_state(tiny_llama):
 
 
 # ------------------------------------------------------------------------------------ training-time warnings
-class _Dataset(torch.utils.data.Dataset):
-    def __init__(self, ids):
-        self.ids = ids
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def _trainer(model, tmp_path, steps):
     from transformers import Trainer, TrainingArguments
 
@@ -396,7 +385,7 @@ def _trainer(model, tmp_path, steps):
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0,
         disable_tqdm=True,
     )  # fmt: skip
-    return Trainer(model=model, args=args, train_dataset=_Dataset(_ids(n=16, seed=3)))
+    return Trainer(model=model, args=args, train_dataset=IdsDataset(_ids(n=16, seed=3)))
 
 
 def _router_warnings(record):

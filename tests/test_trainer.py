@@ -8,6 +8,8 @@ from peft import PeftModel, get_peft_model
 
 import peft_hydra
 from peft_hydra import HydraLoraConfig, prepare_trainer
+
+from conftest import IdsDataset  # noqa: E402
 from peft_hydra.functional import load_balancing_loss
 
 from conftest import VOCAB  # noqa: E402  (tests/ is on sys.path under pytest's rootdir conftest)
@@ -27,17 +29,6 @@ def _sequences(n=32, length=16, seed=0):
     start = torch.randint(3, VOCAB, (n, 1), generator=g)
     step = torch.randint(1, 4, (n, 1), generator=g)
     return ((start - 3 + step * torch.arange(length)) % (VOCAB - 3)) + 3
-
-
-class _Dataset(torch.utils.data.Dataset):
-    def __init__(self, ids):
-        self.ids = ids
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
 
 
 def _args(tmp_path, **overrides):
@@ -65,8 +56,8 @@ def test_trainer_trains_logs_router_metrics_and_reloads(tiny_llama, tmp_path):
     from transformers import Trainer
 
     model = get_peft_model(tiny_llama(), _config(router_aux_loss_coef=0.01))
-    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_Dataset(_sequences()),
-                      eval_dataset=_Dataset(_sequences(8, seed=1)))  # fmt: skip
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=IdsDataset(_sequences()),
+                      eval_dataset=IdsDataset(_sequences(8, seed=1)))  # fmt: skip
     prepare_trainer(trainer)  # the one documented line
     trainer.train()
 
@@ -98,7 +89,7 @@ def test_trainer_without_prepare_trains_unchanged(tiny_llama, tmp_path):
     from transformers import Trainer
 
     model = get_peft_model(tiny_llama(), _config(top_k=1))
-    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=40), train_dataset=_Dataset(_sequences()))
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=40), train_dataset=IdsDataset(_sequences()))
     trainer.train()
     losses = _train_losses(trainer)
     _assert_went_down(losses)
@@ -112,12 +103,12 @@ def test_compute_loss_adds_coef_times_balance_loss(tiny_llama, tmp_path, grad_ac
     coef = 0.5
     model = get_peft_model(tiny_llama(), _config(router_aux_loss_coef=coef, init_weights=False))
     trainer = Trainer(model=model, args=_args(tmp_path, gradient_accumulation_steps=grad_accum),
-                      train_dataset=_Dataset(_sequences()))  # fmt: skip
+                      train_dataset=IdsDataset(_sequences()))  # fmt: skip
     prepare_trainer(trainer)
     with pytest.raises(ValueError, match="already called"):
         prepare_trainer(trainer)
     model.train()
-    batch = {k: torch.stack([_Dataset(_sequences(4))[i][k] for i in range(4)]) for k in ("input_ids", "labels")}
+    batch = {k: torch.stack([IdsDataset(_sequences(4))[i][k] for i in range(4)]) for k in ("input_ids", "labels")}
     trainer.current_gradient_accumulation_steps = grad_accum
     num_items = torch.tensor(4 * 15)  # label tokens after the causal shift; makes the Trainer skip its GA division
     loss = trainer.compute_loss(model, batch, num_items_in_batch=num_items)
@@ -174,7 +165,7 @@ def test_trl_sft_trainer(tiny_llama, tmp_path):
 def test_prepare_trainer_rejects_models_without_hydralora(tiny_llama, tmp_path):
     from transformers import Trainer
 
-    trainer = Trainer(model=tiny_llama(), args=_args(tmp_path), train_dataset=_Dataset(_sequences(4)))
+    trainer = Trainer(model=tiny_llama(), args=_args(tmp_path), train_dataset=IdsDataset(_sequences(4)))
     with pytest.raises(ValueError, match="holds no HydraLoRA adapter"):
         prepare_trainer(trainer)
     with pytest.raises(TypeError, match="expects a transformers.Trainer"):
