@@ -30,7 +30,7 @@ setup: $(VENV)/.installed-test
 setup-compare: $(VENV)/.installed-compare
 
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 compare: setup-compare
 	$(BIN)/peft-hydra compare --config $(CONFIG)
