@@ -180,26 +180,24 @@ def _enclosing_call(function, max_depth: int = 32) -> Optional[dict]:
     return None
 
 
-def enclosing_peft_load() -> Optional[tuple[nn.Module, str]]:
-    """On peft < 0.21 (no load hook): ``(model, adapter_name)`` of the running ``set_peft_model_state_dict`` (the
-    function every PEFT adapter load goes through: ``PeftModel.from_pretrained`` / ``load_adapter``), else None."""
-    if NATIVE_LOAD_HOOK:
-        return None
-    local = _enclosing_call(_save_and_load.set_peft_model_state_dict)
+def _enclosing_model_and_adapter(function) -> Optional[tuple[nn.Module, str]]:
+    """``(model, adapter_name)`` from the locals of a running call of PEFT's ``function``, else None."""
+    local = _enclosing_call(function)
     if local is None or "adapter_name" not in local or "model" not in local:
         return None
     return local["model"], local["adapter_name"]
+
+
+def enclosing_peft_load() -> Optional[tuple[nn.Module, str]]:
+    """On peft < 0.21 (no load hook): ``(model, adapter_name)`` of the running ``set_peft_model_state_dict`` (the
+    function every PEFT adapter load goes through: ``PeftModel.from_pretrained`` / ``load_adapter``), else None."""
+    return None if NATIVE_LOAD_HOOK else _enclosing_model_and_adapter(_save_and_load.set_peft_model_state_dict)
 
 
 def enclosing_peft_save() -> Optional[tuple[nn.Module, str]]:
     """On peft < 0.20 (which saves every adapter's tensors into each file): ``(model, adapter_name)`` of the running
     ``get_peft_model_state_dict`` when it reads ``model.state_dict()`` itself, else None."""
-    if NATIVE_SAVE_FILTER:
-        return None
-    local = _enclosing_call(_save_and_load.get_peft_model_state_dict)
-    if local is None or "adapter_name" not in local or "model" not in local:
-        return None
-    return local["model"], local["adapter_name"]
+    return None if NATIVE_SAVE_FILTER else _enclosing_model_and_adapter(_save_and_load.get_peft_model_state_dict)
 
 
 def dequantize_bnb_weight():
