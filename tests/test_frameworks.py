@@ -111,10 +111,7 @@ def run(cmd, cwd, **env):
 
 def shipped_config(name: str) -> dict:
     """A config of configs/ (the tests put the tiny model's and their own settings on top)."""
-    import yaml
-
-    with open(os.path.join(ROOT, "configs", name), encoding="utf-8") as f:
-        return yaml.safe_load(f)
+    return yaml_load(os.path.join(ROOT, "configs", name))
 
 
 def check_saved(adapter_dir, r, lora_alpha, num_experts, coef):
@@ -123,6 +120,13 @@ def check_saved(adapter_dir, r, lora_alpha, num_experts, coef):
     assert (config["r"], config["lora_alpha"], config["num_experts"], config["router_aux_loss_coef"]) == (
         r, lora_alpha, num_experts, coef), config
     assert {t.rsplit(".", 1)[-1] for t in config["target_modules"]} == LINEAR, config["target_modules"]
+
+
+def yaml_load(path) -> dict:
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
 
 
 def write_yaml(path, config: dict):
@@ -207,6 +211,26 @@ def test_axolotl_train_reload_and_merge_refused(work):
     rc, log = run(["axolotl", "merge-lora", cfg], cwd=work["root"])
     assert rc != 0 and MERGE_REFUSED in log and "export_lora" in log, log[-3000:]
     assert not glob.glob(str(out / "merged" / "*.safetensors")), "merge-lora wrote a model"
+
+    # an adapter with fixed gates has an exact merge: merge-lora writes it (through axolotl's legacy merger)
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import peft_hydra
+
+    fixed = work["root"] / "axolotl_fixed"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(work["base"]), peft_hydra.HydraLoraConfig(
+        r=4, lora_alpha=8, num_experts=3, fixed_gates=[0.5, 0.3, 0.2], init_weights=False,
+        target_modules=sorted(LINEAR)))  # fmt: skip
+    model.save_pretrained(fixed)
+    cfg = write_yaml(work["root"] / "axolotl_fixed.yml", {**yaml_load(cfg), "lora_model_dir": str(fixed),
+                                                           "output_dir": str(fixed)})  # fmt: skip
+    rc, log = run(["axolotl", "merge-lora", cfg], cwd=work["root"])
+    assert rc == 0, log[-5000:]
+    ids = byte_tokenizer()("Add 3 and 4.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(fixed / "merged").eval()(input_ids=ids).logits
+        torch.testing.assert_close(merged, model.eval()(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_axolotl_config_options():
