@@ -1,5 +1,7 @@
+"""``python -m peft_hydra.compare --config ...`` = ``peft-hydra compare --config ...``."""
+
 import sys
 
-from .cli import main
+from ..cli import main
 
-sys.exit(main(["compare", *sys.argv[1:]]) if sys.argv[1:2] != ["compare"] else main())
+sys.exit(main(["compare", *sys.argv[1:]]))
