@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import subprocess
 import sys
 
 import numpy as np
@@ -204,6 +205,16 @@ def test_missing_field_and_missing_category(tmp_path, capsys):
     assert main(["compare", "--config", str(p), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "no category field 'category'" in err and "category_field" in err
+
+
+def test_help_imports_neither_torch_nor_the_package():
+    """`peft-hydra --help` answers at once: the console script's module imports nothing heavy (a fresh interpreter,
+    since the point is what gets imported)."""
+    code = ("import sys, _peft_hydra_cli; assert _peft_hydra_cli.main(['--help']) == 0; "
+            "print(sorted(m for m in ('torch', 'peft', 'peft_hydra', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "compare" in out.stdout and out.stdout.strip().endswith("[]")
 
 
 def test_help_lists_every_command_and_its_options(capsys, monkeypatch):
