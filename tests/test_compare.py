@@ -435,3 +435,23 @@ def test_committed_analysis_renders_from_its_json(name):
         committed = f.read()
     with open(os.path.join(folder, "analysis.json")) as f:
         assert markdown(json.load(f), re.findall(r"^!\[(.+?)\]", committed, flags=re.M)) == committed
+
+
+def test_generation_scores_the_greedy_first_line():
+    """Accuracy by generation: `generate(do_sample=False)` with the source's stop rule scores the greedy continuation."""
+    from peft_hydra.compare.train import generate_and_score
+
+    model, tok, _ = load_model(TINY)
+    ex = D.tokenize([{"prompt": "Q: name a colour\nA:", "answer": " red"}], tok, 64, 16)[0]
+    ids = torch.tensor([ex["input_ids"][: ex["n_prompt"]]])
+    with torch.no_grad():
+        for _ in range(6):  # greedy by hand: the argmax of the next-token logits, appended, until EOS
+            nxt = model(ids).logits[:, -1:].argmax(-1)
+            if int(nxt) == tok.eos_token_id:
+                break
+            ids = torch.cat([ids, nxt], 1)
+    greedy = tok.decode(ids[0, ex["n_prompt"] :].tolist()).lstrip("\n").split("\n")[0].strip()
+    run_cfg = {"tokenizer": tok, "generate_max_new_tokens": 6}
+    scored = [dict(ex, source="mine", short_answer=True, answer=a) for a in (" " + greedy, greedy + " and more")]
+    assert generate_and_score(model, scored, run_cfg) == [True, False]
+    assert generate_and_score(model, [dict(scored[0], short_answer=False)], run_cfg) == [None]  # no rule: not scored
