@@ -107,7 +107,7 @@ test-newest: newest-upgrade
 test-matrix: test-oldest test-newest
 
 # ---------------------------------------------------------------------------------------------------------------------
-# GPU measurements (issue 18; docs/performance.md): benchmarks/gpu_all.py runs every one in a single call.
+# GPU measurements (docs/performance.md): benchmarks/gpu_all.py runs every one in a single command.
 #   make gpu-wheels  -> here: the wheels a bare GPU machine lacks, in .gpu_wheels/a and .gpu_wheels/b
 #   make gpu-bench   -> on the GPU machine (plain python3 there): all steps, tables to $(GPU_OUT)
 #   make gpu-dry-run -> here, on the CPU: tiny sizes, checks that every step runs
