@@ -4,8 +4,8 @@ Paired differences against the reference: per eval example, method loss - refere
 both ran. Over the examples of a group (all, or one data source): the mean difference with its percentile bootstrap
 95% CI (``scipy.stats.bootstrap``), and the two-sided p-value of a paired sign-flip permutation test of the mean
 difference (``scipy.stats.permutation_test``, ``permutation_type="samples"`` on the differences: under the null
-hypothesis each example's difference is as likely to have either sign). The p-values are Holm-corrected across the
-methods of a group. A method is called better or worse only when the corrected p < 0.05, the CI excludes 0 and every
+hypothesis each example's difference is as likely to have either sign; :data:`PERMUTATIONS` random sign flips, exact
+when all 2^n fit). The p-values are Holm-corrected across the methods of a group. A method is called better or worse only when the corrected p < 0.05, the CI excludes 0 and every
 seed's mean difference has the same sign.
 """
 
@@ -19,6 +19,9 @@ from scipy import stats
 
 #: how results.md names the paired test (the report states it next to the p-values)
 PAIRED_TEST = "paired sign-flip permutation test of the mean difference"
+#: random sign flips of the paired test: its smallest two-sided p is 2 / (PERMUTATIONS + 1), so that even 20 methods
+#: can be called after Holm's correction (the bootstrap count of a config does not limit it)
+PERMUTATIONS = 9999
 VERDICT_ALPHA = 0.05
 
 
@@ -59,14 +62,14 @@ def bootstrap_ci(samples: np.ndarray, n_resamples: int, rng) -> np.ndarray:
     return np.stack([np.asarray(ci.low), np.asarray(ci.high)], -1)
 
 
-def paired_pvalue(diffs: np.ndarray, n_resamples: int, rng) -> np.ndarray:
+def paired_pvalue(diffs: np.ndarray, rng, n_resamples: int = PERMUTATIONS) -> np.ndarray:
     """Two-sided p of the paired sign-flip permutation test of mean(diffs) = 0 along the last axis (exact when
     2^n <= n_resamples; 1 for fewer than two differences)."""
     diffs = np.asarray(diffs, dtype=np.float64)
     if diffs.shape[-1] < 2:
         return np.ones(diffs.shape[:-1])
     res = stats.permutation_test((diffs,), np.mean, permutation_type="samples", n_resamples=n_resamples,
-                                 vectorized=True, axis=-1, rng=rng)  # fmt: skip
+                                 vectorized=True, axis=-1, rng=rng, batch=1000)  # fmt: skip
     return np.asarray(res.pvalue)
 
 
@@ -97,7 +100,7 @@ def paired_stats(results: dict, eval_examples: list[dict], reference: str, n_boo
         if not diffs:
             continue
         d = np.stack([x.mean(0) for _, x in diffs.values()])  # (methods, examples): averaged over seeds
-        cis, ps = bootstrap_ci(d, n_boot, boot_rng), paired_pvalue(d, n_boot, perm_rng)
+        cis, ps = bootstrap_ci(d, n_boot, boot_rng), paired_pvalue(d, perm_rng)
         rows = {}
         for k, (m, (common, x)) in enumerate(diffs.items()):
             rows[m] = {"mean_diff": float(d[k].mean()), "ci95": [float(v) for v in cis[k]], "p": float(ps[k]),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from .stats import PAIRED_TEST
+from .stats import PAIRED_TEST, PERMUTATIONS
 
 
 def md_table(header: list[str], rows: list[list]) -> list[str]:
@@ -232,7 +232,7 @@ def markdown(res: dict, plots: list[str]) -> str:
         L.append(f"## Paired differences against `{ref}` (eval loss per token, method - {ref}; negative = better)")
         L.append("Per-example differences averaged over seeds, over the examples of each group: the percentile "
                  f"bootstrap 95% CI of the mean ({cfg['bootstrap']} resamples) and the two-sided p of a {PAIRED_TEST} "
-                 f"({cfg['bootstrap']} random sign flips; exact for small groups), Holm-corrected across methods within "
+                 f"({PERMUTATIONS} random sign flips; exact for small groups), Holm-corrected across methods within "
                  "each group. A method is called better/worse only when the Holm-corrected p < 0.05, the 95% CI "
                  "excludes 0 and every seed's mean difference has the same sign.")  # fmt: skip
         L.append("")
