@@ -169,28 +169,30 @@ def routing_stats(results: dict) -> dict:
     return out
 
 
+def _mean_std(values) -> list:
+    return [mean(values), std(values)]
+
+
 def summarize(results: dict) -> dict:
-    """Per method: mean and standard deviation over seeds of every figure of its runs."""
-    summ: dict[str, Any] = OrderedDict()
+    """Per method: mean (and standard deviation) over seeds of every figure of its runs."""
+    by_method: dict[str, list] = OrderedDict()
     for r in results["runs"]:
-        summ.setdefault(r["method"], []).append(r)
+        by_method.setdefault(r["method"], []).append(r)
     out = OrderedDict()
-    for m, rs in summ.items():
-        ms = lambda key, rs=rs: [mean([r.get(key) for r in rs]), std([r.get(key) for r in rs])]  # noqa: E731
-        by = lambda field, key, rs=rs: [mean([r[field][key] for r in rs]), std([r[field][key] for r in rs])]  # noqa: E731
-        (el, el_sd), (acc, acc_sd), (gen, gen_sd), (fg, fg_sd) = (
-            ms("eval_loss"), ms("accuracy"), ms("gen_accuracy"), ms("forgetting"))  # fmt: skip
+    for m, rs in by_method.items():
+        el, acc, gen, fg = (_mean_std([r.get(k) for r in rs]) for k in ("eval_loss", "accuracy", "gen_accuracy",
+                                                                         "forgetting"))  # fmt: skip
         out[m] = {
             "seeds": [r["seed"] for r in rs],
             **{k: rs[0][k] for k in ("lr", "trainable_params", "r", "factor", "max_rank")},
-            "eval_loss_mean": el, "eval_loss_std": el_sd,
-            "eval_loss_by_source": {s: by("eval_loss_by_source", s) for s in rs[0]["eval_loss_by_source"]},
-            "eval_loss_by_category": {c: by("eval_loss_by_category", c) for c in rs[0]["eval_loss_by_category"]},
-            "accuracy_mean": acc, "accuracy_std": acc_sd,
-            "gen_accuracy_mean": gen, "gen_accuracy_std": gen_sd,
+            "eval_loss_mean": el[0], "eval_loss_std": el[1],
+            **{f"eval_loss_by_{part}": {k: _mean_std([r[f"eval_loss_by_{part}"][k] for r in rs])
+                                        for k in rs[0][f"eval_loss_by_{part}"]} for part in ("source", "category")},
+            "accuracy_mean": acc[0], "accuracy_std": acc[1],
+            "gen_accuracy_mean": gen[0], "gen_accuracy_std": gen[1],
             "gen_accuracy_by_category": {c: mean([r.get("gen_accuracy_by_category", {}).get(c) for r in rs])
                                          for c in rs[0].get("gen_accuracy_by_category", {})},
-            "forgetting_mean": fg, "forgetting_std": fg_sd,
+            "forgetting_mean": fg[0], "forgetting_std": fg[1],
             "general_loss_mean": mean([r.get("general_loss") for r in rs]),
             "s_per_step_mean": mean([r["s_per_step"] for r in rs]),
             "peak_mem_mb_mean": mean([r["peak_mem_mb"] for r in rs]),
