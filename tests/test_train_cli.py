@@ -181,10 +181,11 @@ def test_console_script_under_accelerate_ddp(base_dir, data_file, tmp_path, monk
     after = _assert_trained_adapter(base_dir, out)
 
     monkeypatch.chdir(tmp_path)  # docs/training.md's loading snippet, as written there
-    import peft_hydra  # noqa: F401  registers the HydraLoRA PEFT type
+    import peft_hydra  # registers the HydraLoRA PEFT type
     from peft import AutoPeftModelForCausalLM
 
     model = AutoPeftModelForCausalLM.from_pretrained("out/adapter")
+    assert isinstance(model.base_model, peft_hydra.HydraLoraModel)
     assert torch.allclose(_logits(model, _ids()), after, atol=1e-5)
 
 

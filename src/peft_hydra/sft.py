@@ -44,7 +44,6 @@ PRESETS = ("none", "paper")
 DEFAULTS: dict[str, Any] = dict(
     learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.03, num_train_epochs=1.0,
     per_device_train_batch_size=4, gradient_checkpointing=None, bf16=False, dtype=None, use_bnb_nested_quant=True,
-    save_strategy="no",
 )  # fmt: skip
 #: The HydraLoRA authors' training arguments (``HydraLoraConfig.paper_preset``'s docstring: ``HydraLoRA/fine-tuning.sh``
 #: and ``fine-tuning.py``); their 4-GPU script multiplies the batch by 4 processes. The adapter: ``paper_preset()``.
@@ -207,7 +206,8 @@ def parse(argv: list[str]):
         raise TrainError(f"{e}") from None
     known = sorted({s.lstrip("-").replace("-", "_") for s in parser._option_string_actions if s.startswith("--")})
     unknown = [(s, "--config file key") for s in from_config[::2]] + [(s, "option") for s in from_cli]
-    for name, where in unknown:
+    if unknown:
+        name, where = unknown[0]
         close = difflib.get_close_matches(name.lstrip("-"), known, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise TrainError(f"unknown {where} {name.lstrip('-')!r}{hint}: `peft-hydra train --help` lists the options "
@@ -220,11 +220,15 @@ def load_data(script, mixture, train: TrainArguments):
     """``datasets.load_dataset`` over a JSON/JSONL/CSV/Parquet file, a folder (data files, or ``save_to_disk``), a Hub
     name, or TRL's ``datasets:`` mixture; returns the training split."""
     import datasets
+    from trl import get_dataset
 
     name, split = script.dataset_name, script.dataset_train_split
     try:
+        if script.dataset_streaming or mixture.streaming:
+            raise TrainError("--dataset_streaming / streaming: peft-hydra train reads the data before training (format "
+                             "checks, --num_experts auto); drop the option, or use SFTTrainer from Python.")  # fmt: skip
         if mixture.datasets:
-            data = __import__("trl").get_dataset(mixture)
+            data = get_dataset(mixture)
         elif not name:
             raise TrainError("no training data: give --dataset_name (--data) with a .json/.jsonl file, a folder or a "
                              "Hub dataset name, or `datasets:` in the --config file.")  # fmt: skip
@@ -239,7 +243,7 @@ def load_data(script, mixture, train: TrainArguments):
                                                                                        "dataset_dict.json")):  # fmt: skip
             data = datasets.load_from_disk(name)
         else:
-            data = datasets.load_dataset(name, name=script.dataset_config, streaming=script.dataset_streaming)
+            data = datasets.load_dataset(name, name=script.dataset_config)
     except TrainError:
         raise
     except Exception as e:  # noqa: BLE001 - datasets raises many types; the message and its cause are kept
