@@ -101,15 +101,16 @@ def _as_option(hint) -> bool:
     return hint in (int, float, str, bool, Optional[int], Optional[float])
 
 
-def _hydra_arguments() -> type:
-    """HydraLoraConfig's fields as a dataclass of options (their help, their defaults), less those ModelConfig and
-    SFTConfig carry; types an argument parser cannot take become strings read as JSON."""
+def _hydra_arguments(taken: set[str]) -> type:
+    """HydraLoraConfig's fields as a dataclass of options (their help, their defaults), less those ModelConfig
+    carries and those ``taken`` by TRL (``router_aux_loss_coef`` in SFTConfig since TRL 1.x, which then sets
+    HydraLoRA's); types an argument parser cannot take become strings read as JSON."""
     from peft.config import PeftConfig
 
     from .config import HydraLoraConfig
 
     hints = typing.get_type_hints(HydraLoraConfig)
-    skip = {f.name for f in dataclasses.fields(PeftConfig)} | set(LORA_OPTIONS.values()) | {"router_aux_loss_coef", "target_parameters"}
+    skip = {f.name for f in dataclasses.fields(PeftConfig)} | set(LORA_OPTIONS.values()) | taken | {"target_parameters"}
     specs: list = [
         ("preset", Literal[PRESETS], field(default="none", metadata={"help": "'paper': the HydraLoRA authors' adapter "
          "(HydraLoraConfig.paper_preset) and training arguments; options given explicitly win."})),
@@ -138,19 +139,25 @@ def build_parser():
     from .config import HydraLoraConfig
 
     class Parser(TrlParser):
+        config_unknown: list[str] = []  # the config file's keys no option takes ("--key", "value", ...)
+
         def set_defaults_with_config(self, **kwargs):  # config keys may use - and the old names, as options do
             names = {k: str(k).replace("-", "_") for k in kwargs}
-            return super().set_defaults_with_config(**{OLD_NAMES.get(n, n): kwargs[k] for k, n in names.items()})
+            kwargs = {OLD_NAMES.get(n, n): kwargs[k] for k, n in names.items()}
+            self.config_unknown = super().set_defaults_with_config(**kwargs)
+            return self.config_unknown
 
+    taken = {f.name for f in dataclasses.fields(SFTConfig)}
     parser = Parser((ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, TrainArguments,
-                     _hydra_arguments()), prog="peft-hydra train")  # fmt: skip
+                     _hydra_arguments(taken)), prog="peft-hydra train")  # fmt: skip
     actions: dict[str, argparse.Action] = {}
     for action in parser._actions:
         actions.setdefault(action.dest, action)
         if getattr(action.type, "__name__", "") == "string_to_bool" and action.nargs is None:
             action.nargs, action.const = "?", True  # an optional bool (--bf16) is a flag too, as the others
-    actions["router_aux_loss_coef"].help = HydraLoraConfig.__dataclass_fields__["router_aux_loss_coef"].metadata[
-        "help"] + " (HydraLoRA's routers; a Mixture-of-Experts base model keeps its config's own coefficient)"
+    if "router_aux_loss_coef" in taken:
+        actions["router_aux_loss_coef"].help = HydraLoraConfig.__dataclass_fields__["router_aux_loss_coef"].metadata[
+            "help"] + " (HydraLoRA's routers; a Mixture-of-Experts base model keeps its config's own coefficient)"
     for old, new in OLD_NAMES.items():
         if f"--{old}" not in parser._option_string_actions:
             a = actions[new]
@@ -199,13 +206,11 @@ def parse(argv: list[str]):
     parser = build_parser()
     parser.set_defaults(**_preset_defaults(argv))
     try:
-        *args, from_config, from_cli = parser.parse_args_and_config(
-            argv, return_remaining_strings=True, separate_remaining_strings=True
-        )
+        *args, remaining = parser.parse_args_and_config(argv, return_remaining_strings=True)
     except ValueError as e:
         raise TrainError(f"{e}") from None
     known = sorted({s.lstrip("-").replace("-", "_") for s in parser._option_string_actions if s.startswith("--")})
-    unknown = [(s, "--config file key") for s in from_config[::2]] + [(s, "option") for s in from_cli]
+    unknown = [(s, "--config file key") for s in parser.config_unknown[::2]] or [(s, "option") for s in remaining]
     if unknown:
         name, where = unknown[0]
         close = difflib.get_close_matches(name.lstrip("-"), known, n=3)
@@ -336,9 +341,10 @@ def _texts(ds, text_field: str) -> list[str]:
     return ["\n".join(flat(rec[f]) for f in fields) for rec in ds]
 
 
-def choose_num_experts(value: Optional[str], texts: list[str], max_texts: int, seed: int) -> Optional[int]:
-    """N from ``--num_experts``; ``auto``: :func:`peft_hydra.suggest_num_experts` over a seeded sample of texts."""
-    if value is None or value != "auto":
+def choose_num_experts(value, ds, text_field: str, max_texts: int, seed: int) -> Optional[int]:
+    """N from ``--num_experts``; ``auto``: :func:`peft_hydra.suggest_num_experts` over a seeded sample of the
+    training texts."""
+    if value != "auto":
         try:
             return None if value is None else int(value)
         except ValueError:
@@ -350,7 +356,8 @@ def choose_num_experts(value: Optional[str], texts: list[str], max_texts: int, s
                          "texts): pip install 'peft-hydra[compare]'; or give a number, e.g. --num_experts 3.")  # fmt: skip
     from .heads import suggest_num_experts
 
-    sample = texts if len(texts) <= max_texts else random.Random(seed).sample(texts, max_texts)
+    rows = range(len(ds)) if len(ds) <= max_texts else sorted(random.Random(seed).sample(range(len(ds)), max_texts))
+    sample = _texts(ds.select(rows), text_field)
     if len(set(sample)) < 3:
         raise TrainError(f"--num_experts auto needs at least 3 distinct training texts, got {len(set(sample))}; give "
                          "a number instead, e.g. --num_experts 3.")  # fmt: skip
@@ -380,8 +387,9 @@ def adapter_config(model_args, training_args, hydra, num_experts: Optional[int])
             except json.JSONDecodeError:
                 pass  # a plain string: a module name, a regex, 'uniform'
         values[name] = value
-    values["router_aux_loss_coef"] = training_args.router_aux_loss_coef or 0.0
-    training_args.router_aux_loss_coef = None  # TRL's own: a Mixture-of-Experts base model's coefficient
+    if hasattr(training_args, "router_aux_loss_coef"):  # TRL's option sets HydraLoRA's; a Mixture-of-Experts base
+        values["router_aux_loss_coef"] = training_args.router_aux_loss_coef or 0.0  # model keeps its config's own
+        training_args.router_aux_loss_coef = None
     if num_experts is not None:
         values["num_experts"] = num_experts
     try:
@@ -412,7 +420,8 @@ def build_trainer(argv: list[str]):
     if not model_args.model_name_or_path:
         raise TrainError("--model_name_or_path (--model) is required: a local folder or a Hub model id.")
     model_args.dtype = model_args.dtype or ("bfloat16" if training_args.bf16 else "float32")
-    model_init_kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
+    trust = getattr(training_args, "trust_remote_code", False) or getattr(model_args, "trust_remote_code", False)
+    model_init_kwargs = dict(revision=model_args.model_revision, trust_remote_code=trust,
                              attn_implementation=model_args.attn_implementation, dtype=model_args.dtype,
                              **(training_args.model_init_kwargs or {}))  # fmt: skip
     if train.gguf_file and (model_args.load_in_4bit or model_args.load_in_8bit):
@@ -421,7 +430,7 @@ def build_trainer(argv: list[str]):
     source = train.tokenizer_name_or_path or model_args.model_name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            source, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
+            source, revision=model_args.model_revision, trust_remote_code=trust,
             **({"gguf_file": train.gguf_file} if train.gguf_file and not train.tokenizer_name_or_path else {}),
         )  # fmt: skip
     except OSError as e:
@@ -429,10 +438,10 @@ def build_trainer(argv: list[str]):
                          "(--model_name_or_path, --tokenizer_name_or_path).") from None  # fmt: skip
     # the data are checked before the (possibly large) model is loaded
     dataset = to_trl_format(load_data(script, mixture, train), tokenizer, train, training_args.dataset_text_field)
-    n = choose_num_experts(hydra.num_experts, _texts(dataset, training_args.dataset_text_field),
-                           hydra.auto_max_texts, training_args.seed)  # fmt: skip
-    config = adapter_config(model_args, training_args, hydra, n)
     _log(f"data: {len(dataset)} examples from {script.dataset_name!r}, columns {dataset.column_names}")
+    n = choose_num_experts(hydra.num_experts, dataset, training_args.dataset_text_field, hydra.auto_max_texts,
+                           training_args.seed)  # fmt: skip
+    config = adapter_config(model_args, training_args, hydra, n)
     eval_dataset = None
     if training_args.eval_strategy != "no":
         eval_dataset = load_data(dataclasses.replace(script, dataset_train_split=script.dataset_test_split), mixture,
@@ -444,10 +453,11 @@ def build_trainer(argv: list[str]):
         model = AutoModelForCausalLM.from_pretrained(model, gguf_file=train.gguf_file,
                                                      quantization_config=GgufConfig(dequantize=True), **model_init_kwargs)
     else:
-        training_args.model_init_kwargs = model_init_kwargs
-    trainer = SFTTrainer(model=model, args=training_args, train_dataset=dataset,
-                         eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=config,
-                         quantization_config=get_quantization_config(model_args))  # fmt: skip
+        quantization = get_quantization_config(model_args)  # QLoRA: TRL's own BitsAndBytesConfig from the options
+        training_args.model_init_kwargs = {**model_init_kwargs, **({"quantization_config": quantization}
+                                                                   if quantization else {})}  # fmt: skip
+    trainer = SFTTrainer(model=model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset,
+                         processing_class=tokenizer, peft_config=config)  # fmt: skip
     _log(f"adapter: HydraLoRA r={config.r} lora_alpha={config.lora_alpha} N={config.num_experts} on "
          f"{sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules}, "
          f"router_aux_loss_coef={config.router_aux_loss_coef}; preset {hydra.preset}; {trainer.args.world_size} "
