@@ -1,21 +1,10 @@
 """``peft-hydra train``: TRL's SFT script (``trl/scripts/sft.py``) with a HydraLoRA adapter.
 
-TRL's ``trl sft`` builds only a ``LoraConfig``; this command takes the same options and the same YAML (``--config``,
-TRL's format), plus HydraLoRA's, and hands ``SFTTrainer`` a :class:`~peft_hydra.HydraLoraConfig`::
-
-    peft-hydra train --model_name_or_path MODEL --dataset_name FILE_OR_FOLDER_OR_HUB_NAME --output_dir OUT \\
-        [--preset paper] [--num_experts N|auto] [--config trl_sft.yaml] [any SFTConfig / ModelConfig option]
-    accelerate launch --config_file configs/accelerate_ddp.yaml -m peft_hydra.cli train ...
-
-Options are TrlParser's over ``ScriptArguments``, ``SFTConfig``, ``ModelConfig``, ``DatasetMixtureConfig``, this
-module's :class:`TrainArguments` and ``HydraLoraArguments`` (HydraLoraConfig's own fields, with their help).
-ModelConfig's LoRA options mean the same for HydraLoRA (:data:`LORA_OPTIONS`), as does ``router_aux_loss_coef``
-(here the HydraLoRA routers' balance loss). Precedence: command line > ``--config`` file > ``--preset`` > this
-command's defaults (:data:`DEFAULTS`). Data in TRL's formats (text, messages, prompt-completion) is used as it is;
-prompt/answer pairs in other fields (Alpaca's instruction/input/output, Dolly's instruction/context/response, ...)
-become prompt-completion (:func:`pairs_to_prompt_completion`). docs/training.md has the details.
-
-TRL, ``datasets`` and ``accelerate`` (the ``[train]`` extra) are imported only when the command runs.
+TRL's ``trl sft`` builds only a ``LoraConfig``. This command takes its options and its YAML (``--config``, read by
+``TrlParser``) plus HydraLoraConfig's fields, and hands ``SFTTrainer`` a :class:`~peft_hydra.HydraLoraConfig`.
+Precedence: command line > ``--config`` file > ``--preset`` > :data:`DEFAULTS`. Data in TRL's formats is used as it is;
+prompt/answer pairs in other fields become prompt-completion (:func:`pairs_to_prompt_completion`). TRL, ``datasets``
+and ``accelerate`` (the ``[train]`` extra) are imported only when the command runs. docs/training.md has the details.
 """
 
 from __future__ import annotations
