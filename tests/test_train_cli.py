@@ -272,6 +272,28 @@ def test_trl_sft_yaml(base_dir, data_file, tmp_path):
     assert (trainer.args.per_device_train_batch_size, trainer.args.num_train_epochs) == (2, 2.0)
 
 
+def test_hydralora_options_reach_the_config(base_dir, data_file, tmp_path):
+    """HydraLoraConfig's own options from the command line (lists and mappings as JSON) and the YAML (as YAML)."""
+    trainer = sft.build_trainer(["--model", base_dir, "--data", data_file, "--output_dir", str(tmp_path / "o"),
+                                 "--num_experts", "2", "--top_k", "1", "--router_temperature", "0.5", "--head_init",
+                                 "centered", "--router_aux_loss_coef", "0.01", "--router_aux_loss_warmup_steps", "3",
+                                 "--layers_to_transform", "[1]", "--rank_pattern", '{"q_proj": 2}',
+                                 "--no-completion-only-loss", "--eval_strategy", "steps", "--dataset_test_split",
+                                 "train"])  # fmt: skip
+    config = trainer.model.peft_config["default"]
+    assert (config.top_k, config.router_temperature, config.head_init, config.router_aux_loss_coef) == (
+        1, 0.5, "centered", 0.01)  # fmt: skip
+    assert (config.router_aux_loss_warmup_steps, config.layers_to_transform, config.rank_pattern) == (
+        3, [1], {"q_proj": 2})  # fmt: skip
+    adapted = {n.split(".hydra_")[0] for n, _ in trainer.model.named_parameters() if ".hydra_" in n}
+    assert adapted and all(".layers.1." in n for n in adapted)
+    assert trainer.args.completion_only_loss is False and len(trainer.eval_dataset) == 48
+    cfg = _write(tmp_path / "c.yaml", f"model: {base_dir}\ndata: {data_file}\noutput_dir: {tmp_path / 'o2'}\n"
+                 "num_experts: 2\nfixed_gates: [0.25, 0.75]\nexclude_modules: [down_proj]\n")  # fmt: skip
+    config = sft.build_trainer(["--config", cfg]).model.peft_config["default"]
+    assert config.fixed_gates == [0.25, 0.75] and config.exclude_modules == {"down_proj"}
+
+
 def test_paper_preset_and_explicit_options(chat_base_dir, data_file, tmp_path):
     """--preset paper: HydraLoraConfig.paper_preset() and the authors' training arguments; explicit options win, on
     the command line and in a config file."""
