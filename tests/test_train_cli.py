@@ -147,8 +147,9 @@ def test_console_script_under_accelerate_ddp(base_dir, data_file, tmp_path, monk
     launch_config.write_text(shipped.replace("\nuse_cpu: false\n", "\nuse_cpu: true\n"))
     out = tmp_path / "out" / "adapter"
     script = os.path.join(os.path.dirname(sys.executable), "peft-hydra")
+    script = [script] if os.path.exists(script) else ["-m", "peft_hydra.cli"]  # the console script, else the module
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config),
-           "--main_process_port", str(_free_port()), *([script] if os.path.exists(script) else ["-m", "peft_hydra.cli"]),
+           "--main_process_port", str(_free_port()), *script,
            "train", "--model", base_dir, "--data", data_file, "--output-dir", str(out), "--num-experts", "auto",
            "--router-aux-loss-coef", "0.01", "--target-modules", "q_proj,v_proj,up_proj", "--max-steps", "6",
            "--batch-size", "4", "--lr", "3e-2", "--lr-scheduler-type", "constant", "--logging-steps", "1",

@@ -47,7 +47,8 @@ LORA_OPTIONS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora
 #: Option names of earlier releases of this command -> the option they set.
 OLD_NAMES = {"model": "model_name_or_path", "data": "dataset_name", "data_split": "dataset_train_split",
              "data_config": "dataset_config", "text_field": "dataset_text_field", "tokenizer": "tokenizer_name_or_path",
-             "r": "lora_r", "target_modules": "lora_target_modules", "lr": "learning_rate", "epochs": "num_train_epochs",
+             "r": "lora_r", "target_modules": "lora_target_modules", "lr": "learning_rate",
+             "epochs": "num_train_epochs",
              "batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
              "warmup_ratio": "warmup_steps"}  # fmt: skip
 #: Prompt/answer field pairs turned into TRL's prompt-completion format without --prompt_field / --answer_field.
@@ -99,7 +100,8 @@ def _hydra_arguments(taken: set[str]) -> type:
     from .config import HydraLoraConfig
 
     hints = typing.get_type_hints(HydraLoraConfig)
-    skip = {f.name for f in dataclasses.fields(PeftConfig)} | set(LORA_OPTIONS.values()) | taken | {"target_parameters"}
+    skip = {f.name for f in dataclasses.fields(PeftConfig)} | set(LORA_OPTIONS.values()) | taken
+    skip |= {"target_parameters", "num_experts"}  # a LoRA-only field; N is an option of its own (N or 'auto')
     specs: list = [
         ("preset", Literal[PRESETS], field(default="none", metadata={"help": "'paper': the HydraLoRA authors' adapter "
          "(HydraLoraConfig.paper_preset) and training arguments; options given explicitly win."})),
@@ -109,7 +111,7 @@ def _hydra_arguments(taken: set[str]) -> type:
          "training texts (a seeded sample)."})),
     ]  # fmt: skip
     for f in dataclasses.fields(HydraLoraConfig):
-        if f.name in skip or f.name == "num_experts" or f.init is False:
+        if f.name in skip or f.init is False:
             continue
         simple = _as_option(hints[f.name])
         specs.append((f.name, hints[f.name] if simple else Optional[str],
@@ -149,12 +151,12 @@ def build_parser():
             "help"] + " (HydraLoRA's routers; a Mixture-of-Experts base model keeps its config's own coefficient)"
     for old, new in OLD_NAMES.items():
         if f"--{old}" not in parser._option_string_actions:
-            a = actions[new]
-            parser.add_argument(*dict.fromkeys([f"--{old}", f"--{old.replace('_', '-')}"]), dest=new, type=a.type, nargs=a.nargs,
-                                const=a.const, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # fmt: skip
+            a, names = actions[new], dict.fromkeys([f"--{old}", f"--{old.replace('_', '-')}"])
+            parser.add_argument(*names, dest=new, type=a.type, nargs=a.nargs, const=a.const, default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS)  # fmt: skip
     for flag in ("bf16", "completion_only_loss"):
-        parser.add_argument(f"--no-{flag.replace('_', '-')}", dest=flag, action="store_false", default=argparse.SUPPRESS,
-                            help=argparse.SUPPRESS)  # fmt: skip
+        parser.add_argument(f"--no-{flag.replace('_', '-')}", dest=flag, action="store_false",
+                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # fmt: skip
     defaults = {**DEFAULTS, "use_cpu": not _has_accelerator()}
     defaults.update({k: HydraLoraConfig.__dataclass_fields__[v].default for k, v in LORA_OPTIONS.items()
                      if k in ("lora_r", "lora_alpha", "lora_dropout")})  # fmt: skip
@@ -219,8 +221,8 @@ def load_data(script, mixture, train: TrainArguments):
     name, split = script.dataset_name, script.dataset_train_split
     try:
         if script.dataset_streaming or mixture.streaming:
-            raise TrainError("--dataset_streaming / streaming: peft-hydra train reads the data before training (format "
-                             "checks, --num_experts auto); drop the option, or use SFTTrainer from Python.")  # fmt: skip
+            raise TrainError("--dataset_streaming / streaming: peft-hydra train reads the data before training "
+                             "(format checks, --num_experts auto); drop it, or use SFTTrainer from Python.")
         if mixture.datasets:
             data = get_dataset(mixture)
         elif not name:
@@ -233,8 +235,7 @@ def load_data(script, mixture, train: TrainArguments):
             if builder is None:
                 raise TrainError(f"--dataset_name {name!r}: a file must be {', '.join(DATA_FILES)}.")
             data = datasets.load_dataset(builder, data_files={split: name})
-        elif os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("state.json",
-                                                                                       "dataset_dict.json")):  # fmt: skip
+        elif any(os.path.isfile(os.path.join(name, f)) for f in ("state.json", "dataset_dict.json")):  # save_to_disk
             data = datasets.load_from_disk(name)
         else:
             data = datasets.load_dataset(name, name=script.dataset_config)
@@ -247,7 +248,8 @@ def load_data(script, mixture, train: TrainArguments):
     if isinstance(data, datasets.Dataset):
         data = datasets.DatasetDict({split: data})
     if split not in data:
-        raise TrainError(f"--dataset_name {name!r} has splits {sorted(data)}, not {split!r}: pass --dataset_train_split.")
+        raise TrainError(f"--dataset_name {name!r} has splits {sorted(data)}, not {split!r}: name one with "
+                         "--dataset_train_split.")
     ds = data[split]
     if train.max_examples:
         ds = ds.select(range(min(train.max_examples, len(ds))))
@@ -341,8 +343,8 @@ def choose_num_experts(value, ds, text_field: str, max_texts: int, seed: int) ->
     import importlib.util
 
     if importlib.util.find_spec("sklearn") is None:
-        raise TrainError("--num_experts auto needs scikit-learn (peft_hydra.suggest_num_experts clusters the training "
-                         "texts): pip install 'peft-hydra[compare]'; or give a number, e.g. --num_experts 3.")  # fmt: skip
+        raise TrainError("--num_experts auto needs scikit-learn (peft_hydra.suggest_num_experts clusters the "
+                         "training texts): pip install 'peft-hydra[compare]'; or give a number, e.g. --num_experts 3.")
     from .heads import suggest_num_experts
 
     rows = range(len(ds)) if len(ds) <= max_texts else sorted(random.Random(seed).sample(range(len(ds)), max_texts))
@@ -439,8 +441,8 @@ def build_trainer(argv: list[str]):
     model = model_args.model_name_or_path
     if train.gguf_file:  # TRL reads the model's config without the GGUF file: load it here. transformers 5 keeps a
         # GGUF model marked as quantized (and the Trainer refuses to train it) unless it is de-quantized.
-        model = AutoModelForCausalLM.from_pretrained(model, gguf_file=train.gguf_file,
-                                                     quantization_config=GgufConfig(dequantize=True), **model_init_kwargs)
+        gguf = dict(gguf_file=train.gguf_file, quantization_config=GgufConfig(dequantize=True))
+        model = AutoModelForCausalLM.from_pretrained(model, **gguf, **model_init_kwargs)
     else:
         quantization = get_quantization_config(model_args)  # QLoRA: TRL's own BitsAndBytesConfig from the options
         training_args.model_init_kwargs = {**model_init_kwargs, **({"quantization_config": quantization}
@@ -454,7 +456,8 @@ def build_trainer(argv: list[str]):
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and not trainer.is_fsdp_enabled:
         _log(f"WARNING: the launch config asks for FSDP, but the Trainer runs as "
              f"{trainer.accelerator.distributed_type.value} (accelerate runs FSDP only on GPUs).")  # fmt: skip
-    return prepare_trainer(trainer)
+    prepare_trainer(trainer)  # the router balance loss and router statistics in the Trainer's logs
+    return trainer
 
 
 _CARD_BEGIN = "<!-- peft-hydra train -->"
