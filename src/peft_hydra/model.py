@@ -1,74 +1,99 @@
-"""`HydraLoraModel`: HydraLoRA as a PEFT ``BaseTuner``."""
+"""`HydraLoraModel`: HydraLoRA as a PEFT ``BaseTuner``, with the router's observation and balance loss.
+
+The layers keep no statistics. Whoever wants to see the routing asks the model, which then registers forward hooks on
+the routers (and removes them when nobody asks any more):
+
+- router statistics (mean gate per head, gate entropy, tokens; summed on the device): :meth:`reset_router_stats`,
+  :meth:`stop_router_stats`, :meth:`collect_router_stats`, :meth:`router_stats`;
+- a log of every forward's gates, as X-LoRA's scalings log: :meth:`enable_router_logging`, :meth:`get_router_log`,
+  :meth:`clear_router_log`, :meth:`disable_router_logging`;
+- the Switch load-balancing loss (``router_aux_loss_coef > 0``): in training the model's forward adds
+  ``coef * balance loss`` to ``outputs.loss`` when the model computed one (labels given), as transformers' Mixtral
+  adds its router loss, so it works in every training loop; :meth:`hydra_aux_loss` returns it for loops that compute
+  their own loss.
+
+A hook records only while the model's forward runs: a gradient-checkpointing recompute (inside ``backward()``) is
+not counted twice.
+"""
 
 from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from . import _compat
-from ._compat import BaseTuner, BaseTunerLayer, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_pattern_key
-from .config import (
-    LLAMA_LIKE_MODEL_TYPES,
-    LLAMA_LIKE_TARGET_MODULES,
-    PREFIX,
-    GatesArg,
-    HydraLoraConfig,
-    check_gate_layers,
-    no_exact_merge_message,
-)
 from . import functional as HF
-from . import hub
+from .standalone.compat import (
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    BaseTuner,
+    BaseTunerLayer,
+    _get_tuner_state_dict_key_prefixes,
+    get_pattern_key,
+)
+from .bnb import dispatch_bnb_4bit, dispatch_bnb_8bit, refuse_unsupported_quantized
+from .config import LLAMA_LIKE_MODEL_TYPES, LLAMA_LIKE_TARGET_MODULES, PREFIX, GatesArg, HydraLoraConfig
+from .config import check_gate_layers, no_exact_merge_message
 from .layer import HydraLoraLayer, Linear
 
 TARGET_MODULE_MAPPING = {
     **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
     **{model_type: list(LLAMA_LIKE_TARGET_MODULES) for model_type in LLAMA_LIKE_MODEL_TYPES},
 }
+REENTRANT_CHECKPOINTING = (
+    "The HydraLoRA router balance loss (router_aux_loss_coef={coef}) has no gradient in this forward: the routers ran "
+    "without autograd, which is what reentrant gradient checkpointing does (use_reentrant=True; the default of some "
+    "frameworks), so the loss would not train the routers. Use non-reentrant checkpointing: "
+    'model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={{"use_reentrant": False}}) or '
+    'TrainingArguments(gradient_checkpointing_kwargs={{"use_reentrant": False}}).'
+)
+
+
+def dispatch_default(target: nn.Module, adapter_name: str, config: HydraLoraConfig, **kwargs) -> Optional[nn.Module]:
+    """The HydraLoRA layer for an ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2 style, fan_in_fan_out=True)."""
+    from transformers.pytorch_utils import Conv1D
+
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    refuse_unsupported_quantized(base)  # any quantized layer bnb.py does not handle: a TypeError naming the fix
+    if isinstance(base, nn.Linear) or isinstance(base, Conv1D):
+        fan_in_fan_out = isinstance(base, Conv1D)
+        if config.fan_in_fan_out != fan_in_fan_out:
+            warnings.warn(f"The target is {type(base).__name__}: setting fan_in_fan_out={fan_in_fan_out}.")
+            config.fan_in_fan_out = fan_in_fan_out
+        return Linear(target, adapter_name, config, fan_in_fan_out=fan_in_fan_out, **kwargs)
+    return None
 
 
 class HydraLoraModel(BaseTuner):
-    """Wraps a model with HydraLoRA layers. Use it through PEFT::
-
-        import peft_hydra
-        from peft import get_peft_model
-        model = get_peft_model(base, peft_hydra.HydraLoraConfig(r=8, lora_alpha=16, num_experts=3))
-
-    Beyond PEFT's tuner API it offers :meth:`hydra_aux_loss` (the load-balancing loss of the last forward),
-    :meth:`router_stats` / :meth:`reset_router_stats` (mean gate per head and entropy per layer), and
-    ``merge_and_unload(gates=...)`` / ``merge_adapter(gates=...)`` for merging with fixed gates.
-    """
+    """Wraps a model with HydraLoRA layers; use it through PEFT: ``get_peft_model(base, HydraLoraConfig(...))``."""
 
     prefix: str = PREFIX
     tuner_layer_cls = HydraLoraLayer
     target_module_mapping = TARGET_MODULE_MAPPING
 
     def __init__(self, model: nn.Module, peft_config, adapter_name: str, **kwargs) -> None:
+        self._hooks: list = []
+        self._loss_adapters: set[str] = set()  # adapters whose routers are hooked for the balance loss
+        self._stats: Optional[dict] = None  # (adapter, layer) -> [gate and entropy sums (2N,), tokens (1,)]
+        self._stats_on = False
+        self._logging = False
+        self._log: list[dict] = []  # per forward: {layer: gates (T, N)}
+        self._losses: Optional[list] = None  # this forward's (adapter, top_k, probs, gates) for the balance loss
+        self._in_forward = 0
+        self._warned_reentrant = False
+        self.aux_loss_step: Optional[int] = None  # optimizer steps done: for router_aux_loss_warmup_steps
+        self.last_aux_loss: Optional[torch.Tensor] = None  # the balance term of the last training forward (detached)
         super().__init__(model, peft_config, adapter_name, **kwargs)
-        # The Hub card: tags through transformers' add_model_tags (read by PEFT's card writer); the usage snippet
-        # and a card-keeping push_to_hub on the PeftModel that wraps this tuner only (see peft_hydra.hub).
-        hub.tag_model(self.model)
-        hub.attach_to_peft_model(self)
 
-    def _create_and_replace(
-        self,
-        config: HydraLoraConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        parameter_name: Optional[str] = None,
-    ) -> None:
+    def _create_and_replace(self, config: HydraLoraConfig, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str, parameter_name: Optional[str] = None) -> None:  # fmt: skip
         if current_key is None:
             raise ValueError("current_key must not be None")
-        r_key = get_pattern_key(config.rank_pattern.keys(), current_key)
-        alpha_key = get_pattern_key(config.alpha_pattern.keys(), current_key)
-        r = config.rank_pattern.get(r_key, config.r)
-        alpha = config.alpha_pattern.get(alpha_key, config.lora_alpha)
+        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), current_key), config.r)
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), current_key), config.lora_alpha)
         if isinstance(target, HydraLoraLayer):
             target.update_layer(adapter_name, r, alpha, config, layer_name=current_key)
             return
@@ -79,38 +104,39 @@ class HydraLoraModel(BaseTuner):
 
     @staticmethod
     def _create_new_module(config: HydraLoraConfig, adapter_name: str, target: nn.Module, **kwargs) -> nn.Module:
-        from transformers.pytorch_utils import Conv1D
-
-        from .bnb import dispatch_bnb, refuse_unsupported_quantized
-
-        new_module = dispatch_bnb(target, adapter_name, config, **kwargs)  # bitsandbytes 8-bit / 4-bit (QLoRA)
-        if new_module is not None:
-            return new_module
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        refuse_unsupported_quantized(base)  # any other quantized layer: a TypeError naming it and the fix
-        if isinstance(base, nn.Linear):
-            if config.fan_in_fan_out:
-                warnings.warn("fan_in_fan_out=True but the target is nn.Linear: setting fan_in_fan_out=False.")
-                config.fan_in_fan_out = False
-            return Linear(target, adapter_name, config, fan_in_fan_out=False, **kwargs)
-        if isinstance(base, Conv1D):
-            if not config.fan_in_fan_out:
-                warnings.warn("The target is a transformers Conv1D (GPT-2 style): setting fan_in_fan_out=True.")
-                config.fan_in_fan_out = True
-            return Linear(target, adapter_name, config, fan_in_fan_out=True, **kwargs)
+        for dispatch in (dispatch_bnb_8bit, dispatch_bnb_4bit, dispatch_default):
+            new_module = dispatch(target, adapter_name, config, **kwargs)
+            if new_module is not None:
+                return new_module
         raise TypeError(
-            f"HydraLoRA cannot adapt module {type(base).__name__}: supported are torch.nn.Linear and "
-            "transformers.pytorch_utils.Conv1D. Remove it from target_modules (or use exclude_modules)."
+            f"HydraLoRA cannot adapt module {type(target).__name__}: supported are torch.nn.Linear, "
+            "transformers.pytorch_utils.Conv1D and bitsandbytes Linear8bitLt / Linear4bit. Remove it from "
+            "target_modules (or use exclude_modules)."
         )
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         layers = [n for n, m in model.named_modules() if isinstance(m, HydraLoraLayer) and adapter_name in m.hydra_A]
         check_gate_layers(self.peft_config[adapter_name].fixed_gates, layers, "HydraLoraConfig.fixed_gates")
+        self._sync_hooks()
 
     def _check_new_adapter_config(self, config: HydraLoraConfig) -> None:
         super()._check_new_adapter_config(config)
-        config.validate()
+        config.__post_init__()  # the config's checks again: a field may have been changed since it was built
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._sync_hooks()
+
+    def _hydra_layers(self):
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, HydraLoraLayer)]
+
+    def _known_adapter(self, adapter_name: Optional[str]) -> str:
+        if adapter_name is None:
+            return self.active_adapters[0]
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Unknown adapter '{adapter_name}'; this model has {sorted(self.peft_config)}.")
+        return adapter_name
 
     # ------------------------------------------------------------------------------- mixed adapter batches
     @contextmanager
@@ -121,10 +147,9 @@ class HydraLoraModel(BaseTuner):
             return
         if self.training:
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode: call model.eval().")
-        known = set(self.peft_config) | {"__base__"}
-        unknown = sorted(set(adapter_names) - known)
+        unknown = sorted(set(adapter_names) - set(self.peft_config) - {"__base__"})
         if unknown:
-            raise ValueError(f"Unknown adapter name(s) {unknown} in `adapter_names`; known: {sorted(known)}.")
+            raise ValueError(f"Unknown adapter name(s) {unknown} in `adapter_names`; known: {sorted(self.peft_config)}.")
         num_beams = kwargs.get("num_beams")
         if isinstance(num_beams, int) and num_beams > 1:
             adapter_names = [name for name in adapter_names for _ in range(num_beams)]
@@ -133,11 +158,7 @@ class HydraLoraModel(BaseTuner):
             kw["adapter_names"] = adapter_names
             return args, kw
 
-        handles = [
-            m.register_forward_pre_hook(pre_hook, with_kwargs=True)
-            for m in self.modules()
-            if isinstance(m, HydraLoraLayer)
-        ]
+        handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for _, m in self._hydra_layers()]
         try:
             yield
         finally:
@@ -145,16 +166,11 @@ class HydraLoraModel(BaseTuner):
                 handle.remove()
 
     # ------------------------------------------------------------------------------------------ merging
-    def merge_adapter(
-        self,
-        adapter_names: Optional[list[str]] = None,
-        safe_merge: bool = False,
-        gates: GatesArg = None,
-    ) -> None:
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False,
+                      gates: GatesArg = None) -> None:  # fmt: skip
         """Merge into the base weights. ``gates`` (``"uniform"``, N numbers, or ``{layer_name: N numbers}`` as
-        :func:`peft_hydra.measure_mean_gates` returns) is needed when the adapter has a learned router; it merges
-        ``sum_i g_i B_i A``, the model with those gates fixed. Without ``gates`` only N = 1 / fixed-gate adapters
-        merge (exactly)."""
+        :func:`peft_hydra.measure_mean_gates` returns) is needed with a learned router: it merges ``sum_i g_i B_i
+        A``, the model with those gates fixed. Without ``gates`` only N = 1 / fixed-gate adapters merge (exactly)."""
         self._check_merge_allowed()
         if gates is None:
             self._check_exact_merge(adapter_names)
@@ -162,16 +178,9 @@ class HydraLoraModel(BaseTuner):
         for name, module in self._hydra_layers():
             module.merge(safe_merge=safe_merge, adapter_names=adapter_names, gates=gates, layer_name=name)
 
-    def merge_and_unload(
-        self,
-        progressbar: bool = False,
-        safe_merge: bool = False,
-        adapter_names: Optional[list[str]] = None,
-        gates: GatesArg = None,
-    ) -> nn.Module:
-        """Merge and return the base model. Exact for N = 1 or fixed gates; with a learned router, ``gates``
-        (``"uniform"``, N numbers, or the per-layer mean gates of :func:`peft_hydra.measure_mean_gates`) must be
-        given and the result is the model with those gates fixed, an approximation of the routed model."""
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[list[str]] = None, gates: GatesArg = None) -> nn.Module:  # fmt: skip
+        """Merge and return the base model; ``gates`` as for :meth:`merge_adapter`."""
         if gates is None:
             self._check_exact_merge(adapter_names)
             return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
@@ -180,191 +189,218 @@ class HydraLoraModel(BaseTuner):
 
     def _check_exact_merge(self, adapter_names: Optional[list[str]]) -> None:
         for name in adapter_names or self.active_adapters:
-            config = self.peft_config[name]
-            if config.has_router:
-                raise ValueError(no_exact_merge_message(name, config.num_experts))
+            if self.peft_config[name].has_router:
+                raise ValueError(no_exact_merge_message(name, self.peft_config[name].num_experts))
 
-    # ------------------------------------------------------------------------------ router loss and stats
-    def _known_adapter(self, adapter_name: Optional[str]) -> str:
-        if adapter_name is None:
-            return self.active_adapters[0]
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"Unknown adapter '{adapter_name}'; this model has {sorted(self.peft_config)}.")
-        return adapter_name
+    # ------------------------------------------------------------------------- observing the routers
+    def _sync_hooks(self) -> None:
+        """Hooks on the learned routers while anything observes them; none otherwise."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self._loss_adapters = {name for name, c in self.peft_config.items() if c.router_aux_loss_coef > 0}
+        if not (self._stats_on or self._logging or self._loss_adapters):
+            return
+        for name, layer in self._hydra_layers():
+            for adapter, router in layer.hydra_router.items():
+                if router.learned:  # partial, not a closure: a deep copy of the model gets hooks on the copy
+                    self._hooks.append(router.register_forward_hook(partial(_router_hook, self, name, adapter)))
+        # the window in which the routers are observed: the wrapped model's forward (PeftModel without a task type and
+        # generate() call it directly); a gradient-checkpointing recompute inside backward() runs outside it
+        model = self.model
+        self._hooks.append(model.register_forward_pre_hook(partial(_enter_hook, self), with_kwargs=True))
+        self._hooks.append(model.register_forward_hook(partial(_exit_hook, self), with_kwargs=True, always_call=True))
 
-    def _hydra_layers(self):
-        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, HydraLoraLayer)]
+    def _observe(self, layer_name: str, adapter: str, router, x: torch.Tensor, gates: torch.Tensor) -> None:
+        if not self._in_forward:  # a gradient-checkpointing recompute inside backward(): seen already
+            return
+        probs = None
+        if self._losses is not None and self.peft_config[adapter].router_aux_loss_coef > 0:
+            probs = router.probs(x, gates)
+            self._losses.append((adapter, router.top_k, probs, gates))
+        if not (self._stats_on or self._logging):
+            return
+        with torch.no_grad():
+            g = gates.detach().reshape(-1, gates.shape[-1])
+            if self._logging and self._log:
+                self._log[-1][layer_name] = g
+            if self._stats_on:
+                p = (probs if probs is not None else router.probs(x, gates)).detach().reshape(g.shape)
+                dtype = torch.float32 if g.device.type == "mps" else torch.float64  # exact token sums; MPS has none
+                sums = torch.cat([g, torch.special.entr(p)], -1).sum(0, dtype=dtype)  # on the device, no host sync
+                acc = self._stats.setdefault((adapter, layer_name), [0, 0])
+                acc[0], acc[1] = sums + acc[0], acc[1] + g.shape[0]
 
-    def hydra_aux_loss(self, adapter_name: Optional[str] = None, step: Optional[int] = None) -> torch.Tensor:
-        """``router_aux_loss_coef`` x the mean Switch balance loss over the routed layers, from the last forward.
+    def enable_router_logging(self) -> None:
+        """Keep every forward's gates, ``{layer_name: (tokens, N)}`` per forward (read with :meth:`get_router_log`)."""
+        self._logging = True
+        self._sync_hooks()
 
-        Returns a 0-dim tensor (0 when the coefficient is 0 or nothing was routed). Add it to the task loss before
-        ``backward()``; ``peft_hydra.integrations`` does it for ``transformers.Trainer``. With gradient
-        checkpointing use ``use_reentrant=False`` (transformers' default): the reentrant variant runs the forward
-        without grad, so the loss would carry no gradient to the routers.
+    def disable_router_logging(self) -> None:
+        """Stop logging (what was logged stays readable until :meth:`clear_router_log`)."""
+        self._logging = False
+        self._sync_hooks()
 
-        ``step``: the number of optimizer steps done so far; needed (and only used) with
-        ``router_aux_loss_warmup_steps`` > 0, which ramps the coefficient linearly from 0 at step 0 to its full
-        value at that step (``functional.aux_loss_warmup_coef``).
-        """
-        adapter_name = self._known_adapter(adapter_name)
-        config = self.peft_config[adapter_name]
-        coef = config.router_aux_loss_coef
-        layers = [m for _, m in self._hydra_layers() if adapter_name in m.hydra_router]
-        if coef > 0 and any(not m._keep_router_out.get(adapter_name, False) for m in layers):
-            raise ValueError(
-                f"router_aux_loss_coef of adapter '{adapter_name}' was set to {coef} after the adapter was created: "
-                "its layers do not keep the router outputs the balance loss needs. Set router_aux_loss_coef in the "
-                "HydraLoraConfig passed to get_peft_model."
-            )
-        coef = HF.aux_loss_warmup_coef(coef, step, config.router_aux_loss_warmup_steps)
-        # the layers' router outputs grouped by shape, each group's losses computed in one batch (same values as
-        # the per-layer HydraLoraLayer.aux_loss, a handful of kernels per group instead of per layer)
-        groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for m in layers:
-            out = m._router_out.get(adapter_name)
-            if out is not None:
-                groups.setdefault((out[0].shape, out[0].device, m.top_k[adapter_name]), []).append(out)
-        if coef == 0 or not groups:
-            device = next((p.device for p in self.parameters()), torch.device("cpu"))
-            return torch.zeros((), device=device)
-        losses = []
-        for (shape, _, top_k), outs in groups.items():
-            n = shape[-1]
-            probs = torch.stack([p.reshape(-1, n) for p, _ in outs])
-            gates = torch.stack([g.reshape(-1, n) for _, g in outs]) if top_k is not None else probs
-            losses.append(HF.load_balancing_losses(probs, gates, top_k).float())
-        return coef * (losses[0] if len(losses) == 1 else torch.cat(losses)).mean()
+    def get_router_log(self) -> list[dict[str, torch.Tensor]]:
+        """The gates (detached) of every forward since logging was enabled, one ``{layer_name: gates}`` per forward."""
+        return [entry for entry in self._log if entry]
 
-    def router_stats(self, adapter_name: Optional[str] = None) -> dict[str, Any]:
-        """Router statistics since the last :meth:`reset_router_stats`: ``{"layers": {name: {"mean_gate": [N],
-        "entropy": float, "tokens": int}}, "mean_gate": [N] (averaged over layers), "entropy": float}``.
-
-        Collection is OFF by default, so that a forward does no statistics work: switch it on with
-        :meth:`reset_router_stats` (clears and starts; :meth:`stop_router_stats` stops) or for a block with
-        ``with model.base_model.collect_router_stats(): ...``. With nothing collected the result is
-        ``{"layers": {}, "mean_gate": None, "entropy": None}``. Reading syncs with the device once per layer."""
-        adapter_name = self._known_adapter(adapter_name)
-        layers = {}
-        for name, module in self._hydra_layers():
-            stats = module.router_stats(adapter_name)
-            if stats is not None:
-                layers[name] = stats
-        if not layers:
-            return {"layers": {}, "mean_gate": None, "entropy": None}
-        mean_gate = torch.tensor([s["mean_gate"] for s in layers.values()]).mean(0).tolist()
-        entropy = sum(s["entropy"] for s in layers.values()) / len(layers)
-        return {"layers": layers, "mean_gate": mean_gate, "entropy": entropy}
+    def clear_router_log(self) -> None:
+        self._log = []
 
     def reset_router_stats(self) -> None:
-        """Clear the router statistics and switch their collection on (it is off by default). While on, every
-        routed forward adds a few sums on the device (no host sync); :meth:`router_stats` reduces them on read."""
-        for _, module in self._hydra_layers():
-            module.reset_router_stats()
+        """Clear the router statistics and start collecting (off by default: a forward then does no statistics work)."""
+        self._stats, self._stats_on = {}, True
+        self._sync_hooks()
 
     def stop_router_stats(self) -> None:
-        """Switch router-statistics collection off (what was collected stays readable with :meth:`router_stats`)."""
-        for _, module in self._hydra_layers():
-            module.stop_router_stats()
+        """Stop collecting; what was collected stays readable with :meth:`router_stats`."""
+        self._stats_on = False
+        self._sync_hooks()
 
     @property
     def router_stats_enabled(self) -> bool:
-        """True while router statistics are being collected (see :meth:`reset_router_stats`)."""
-        return any(module._collect_stats for _, module in self._hydra_layers())
+        return self._stats_on
 
     @contextmanager
     def collect_router_stats(self):
-        """Collect router statistics from scratch inside the block, then restore the previous collection state and
-        statistics (read :meth:`router_stats` inside the block)::
-
-            with model.base_model.collect_router_stats():
-                model(**batch)
-                gates = model.base_model.router_stats()["mean_gate"]
-        """
-        saved = [(module, module._router_stats_state()) for _, module in self._hydra_layers()]
+        """Collect router statistics from scratch inside the block (read :meth:`router_stats` there), then restore the
+        previous collection state and statistics."""
+        saved = (self._stats, self._stats_on)
+        self.reset_router_stats()
         try:
-            for module, _ in saved:
-                module.reset_router_stats()
             yield self
         finally:
-            for module, state in saved:
-                module._restore_router_stats_state(state)
+            self._stats, self._stats_on = saved
+            self._sync_hooks()
+
+    def router_stats(self, adapter_name: Optional[str] = None) -> dict[str, Any]:
+        """``{"layers": {name: {"mean_gate": [N], "entropy": nats, "tokens": int}}, "mean_gate": [N] (mean over
+        layers), "entropy": float}`` since the last :meth:`reset_router_stats`; empty layers and None when nothing was
+        collected. Reading syncs with the device once per layer."""
+        adapter_name = self._known_adapter(adapter_name)
+        layers = {}
+        for (adapter, name), (sums, tokens) in (self._stats or {}).items():
+            if adapter == adapter_name and tokens:
+                mean = (sums / tokens).tolist()
+                n = len(mean) // 2
+                layers[name] = {"mean_gate": mean[:n], "entropy": float(sum(mean[n:])), "tokens": int(tokens)}
+        if not layers:
+            return {"layers": {}, "mean_gate": None, "entropy": None}
+        mean_gate = torch.tensor([s["mean_gate"] for s in layers.values()]).mean(0).tolist()
+        return {"layers": layers, "mean_gate": mean_gate, "entropy": sum(s["entropy"] for s in layers.values()) / len(layers)}
+
+    # ----------------------------------------------------------------------------------- balance loss
+    def _enter(self, kwargs: dict) -> None:
+        """Before the wrapped model's forward (every path: PeftModel, PeftModelForCausalLM, generate())."""
+        if not self._in_forward:
+            if self._logging:
+                self._log.append({})
+            coef_on = any(self.peft_config[a].router_aux_loss_coef > 0 for a in self.active_adapters
+                          if a in self.peft_config)  # fmt: skip
+            self._losses = [] if coef_on and self.training and torch.is_grad_enabled() else None
+        self._in_forward += 1
+
+    def _exit(self, kwargs: dict, outputs: Any) -> Any:
+        """After it: the balance loss joins ``outputs.loss`` when the model computed one (training with labels)."""
+        self._in_forward = max(self._in_forward - 1, 0)
+        if self._in_forward or self._losses is None:
+            return None
+        aux = self.hydra_aux_loss(step=self.aux_loss_step)
+        self.last_aux_loss = aux.detach()
+        loss = outputs.get("loss") if isinstance(outputs, dict) else None
+        if loss is None or not aux.requires_grad:
+            return None
+        share = 1.0
+        labels, num_items = kwargs.get("labels"), kwargs.get("num_items_in_batch")
+        if num_items is not None and isinstance(labels, torch.Tensor):
+            # the LM loss is summed over this micro-batch's label tokens and divided by the whole accumulated batch's
+            # (the Trainer then does not divide by the accumulation steps): the balance term gets the same share
+            counted = kwargs.get("shift_labels")
+            counted = labels[..., 1:] if counted is None else counted
+            share = counted.ne(-100).sum().to(aux.dtype) / torch.as_tensor(num_items, device=aux.device)
+        outputs["loss"] = loss + (aux * share).to(loss.dtype)
+        return outputs
+
+    def hydra_aux_loss(self, adapter_name: Optional[str] = None, step: Optional[int] = None) -> torch.Tensor:
+        """``router_aux_loss_coef`` x the mean Switch balance loss over the routed layers of the last training forward
+        (a 0-dim tensor; 0 when the coefficient is 0 or nothing was routed). The model's forward already adds it to
+        ``outputs.loss`` when the model computes a loss: call this only in a loop that computes its own loss.
+        ``step`` (optimizer steps done) drives ``router_aux_loss_warmup_steps``."""
+        adapter_name = self._known_adapter(adapter_name)
+        config = self.peft_config[adapter_name]
+        if config.router_aux_loss_coef > 0 and adapter_name not in self._loss_adapters:
+            raise ValueError(
+                f"router_aux_loss_coef of adapter '{adapter_name}' was set to {config.router_aux_loss_coef} after the "
+                "adapter was created, so its routers are not observed for the balance loss. Set router_aux_loss_coef "
+                "in the HydraLoraConfig passed to get_peft_model (a HydraLoraCallback also picks it up at train())."
+            )
+        coef = HF.aux_loss_warmup_coef(config.router_aux_loss_coef, step, config.router_aux_loss_warmup_steps)
+        outs = [(k, p, g) for a, k, p, g in self._losses or () if a == adapter_name]
+        if coef == 0 or not outs:
+            return torch.zeros((), device=next((p.device for p in self.parameters()), None))
+        if not any(p.requires_grad for _, p, _ in outs) and self.training and not self._warned_reentrant:
+            if any(p.requires_grad for n, p in self.named_parameters() if ".hydra_A." in n):
+                self._warned_reentrant = True
+                warnings.warn(REENTRANT_CHECKPOINTING.format(coef=config.router_aux_loss_coef), UserWarning)
+        groups: dict[tuple, list] = {}  # the layers' losses in a handful of batched kernels per shape
+        for top_k, probs, gates in outs:
+            n = probs.shape[-1]
+            groups.setdefault((probs.numel(), top_k, probs.device), []).append((probs.reshape(-1, n), gates.reshape(-1, n)))
+        losses = [
+            HF.load_balancing_loss(torch.stack([p for p, _ in group]), torch.stack([g for _, g in group]), key[1]).float()
+            for key, group in groups.items()
+        ]
+        return coef * torch.cat(losses).mean()
 
     # ------------------------------------------------------------------------- saving and strict loading
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """peft >= 0.21 calls this on every adapter load: the strict check runs here."""
+        """Checkpoints of peft-hydra 0.1 load (:func:`upgrade_state_dict`); every tensor must fit the config."""
+        legacy = any(k.endswith(f".{PREFIX}B") for k in state_dict)
+        state_dict = upgrade_state_dict(state_dict, config)
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_adapter_state_dict(model, config, adapter_name, remapped)
+        check_adapter_state_dict(cls, model, config, adapter_name, remapped, legacy)
         return remapped
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """peft < 0.21 never calls the tuner on load: the strict check runs when ``set_peft_model_state_dict``
-        (every ``from_pretrained`` / ``load_adapter``) loads this tuner's part of the PeftModel."""
-        loading = _compat.enclosing_peft_load()
-        if loading is not None:
-            model, adapter_name = loading
-            config = getattr(model, "peft_config", {}).get(adapter_name)
-            if isinstance(config, HydraLoraConfig) and getattr(model, "base_model", None) is self:
-                check_adapter_state_dict(model, config, adapter_name, state_dict)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
-        """peft < 0.20 saves every adapter's tensors into each adapter's file: while ``get_peft_model_state_dict``
-        reads the state dict for one adapter, leave the other adapters' tensors out (what peft >= 0.20 does)."""
-        result = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        saving = _compat.enclosing_peft_save()
-        if saving is not None and getattr(saving[0], "base_model", None) is self:
-            others = [name for name in self.peft_config if name != saving[1]]
-            drop = set()
-            for other in others:
-                drop |= {prefix + p for p in _compat.tuner_state_dict_key_prefixes(self, adapter_name=other)}
-            for key in [k for k in result if k.startswith(prefix)]:
-                if any(key == p or key.startswith(p + ".") for p in drop):
-                    del result[key]
-        return result
-
-    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        """PEFT upcasts fp16/bf16 adapter weights to fp32 here; peft 0.21.1+ re-creates ParameterDict entries
-        (``hydra_B``) as new, trainable Parameters. Every tensor keeps its ``requires_grad``, so that an adapter
-        loaded for inference, or added inactive, stays frozen."""
-        layers = [m for _, m in self._hydra_layers()]
-        before = [{n: p.requires_grad for n, p in m.named_parameters()} for m in layers]
-        super()._cast_adapter_dtype(adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-        for module, flags in zip(layers, before):
-            for name, param in module.named_parameters():
-                if name in flags and param.requires_grad != flags[name]:
-                    param.requires_grad_(flags[name])
+def upgrade_state_dict(state_dict: dict, config: HydraLoraConfig, adapter_key: str = "") -> dict:
+    """A checkpoint of peft-hydra 0.1 in today's layout (other checkpoints are returned as they are): its heads
+    ``<module>.hydra_B`` (out, N, r) become ``hydra_B.weight`` (out, N*r), head i in columns ``i*r..``; with a router
+    on x, its weight ``hydra_router.weight`` (N, in) becomes the last N rows of ``hydra_A.weight``. ``adapter_key``
+    (``".<adapter>"``) for keys that carry the adapter name."""
+    old_b = f".{PREFIX}B{adapter_key}"
+    if not any(k.endswith(old_b) and v.dim() == 3 for k, v in state_dict.items()):
+        return state_dict
+    out = dict(state_dict)
+    for key in [k for k in state_dict if k.endswith(old_b) and state_dict[k].dim() == 3]:
+        B = out.pop(key)
+        out[f"{key}.weight"] = B.reshape(B.shape[0], -1)
+        module = key[: -len(old_b)]
+        a_key, router_key = f"{module}.{PREFIX}A{adapter_key}.weight", f"{module}.{PREFIX}router{adapter_key}.weight"
+        if config.has_router and config.router_input == "x" and a_key in out and router_key in out:
+            out[a_key] = torch.cat([out[a_key], out.pop(router_key)])
+    return out
 
 
-def check_adapter_state_dict(model: nn.Module, config: HydraLoraConfig, adapter_name: str, state_dict: dict) -> None:
-    """Refuse a partial or wrongly shaped HydraLoRA checkpoint with an error that says what is wrong.
-
-    PEFT loads adapters with ``strict=False`` and only warns about missing keys; the authors' fork loaded silently
-    non-strict. Here every ``hydra_`` tensor of the adapter must be present with the right shape, and no unknown
-    ``hydra_`` tensor may be left over.
-    """
-    prefixes = _compat.tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
-    expected = {
-        k: v.shape
-        for k, v in model.state_dict().items()
-        if f".{PREFIX}" in k and any(k.startswith(p + ".") or k == p for p in prefixes)
-    }
+def check_adapter_state_dict(tuner_cls, model: nn.Module, config: HydraLoraConfig, adapter_name: str,
+                             state_dict: dict, legacy: bool = False) -> None:  # fmt: skip
+    """Refuse a partial or wrongly shaped checkpoint, naming the tensors (PEFT loads non-strictly and only warns):
+    every ``hydra_`` tensor of the adapter present with the right shape, none left over."""
+    prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
+                if f".{PREFIX}" in k and any(k == p or k.startswith(p + ".") for p in prefixes)}  # fmt: skip
     strip = "base_model.model."
-    requires_prefix = any(k.startswith(strip) for k in expected)
-    got = {}
-    for k, v in state_dict.items():
-        if f".{PREFIX}" not in k and not k.startswith(PREFIX):
-            continue
-        key = k if requires_prefix or not k.startswith(strip) else k[len(strip) :]
-        got[key] = tuple(v.shape)
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    mismatched = sorted(k for k in set(expected) & set(got) if tuple(expected[k]) != got[k])
+    with_prefix = any(k.startswith(strip) for k in expected)
+    got = {(k if with_prefix or not k.startswith(strip) else k[len(strip) :]): tuple(v.shape)
+           for k, v in state_dict.items() if f".{PREFIX}" in k or k.startswith(PREFIX)}  # fmt: skip
+    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
     if not (missing or unexpected or mismatched):
         return
-    def file_key(key: str) -> str:  # the key as stored in adapter_model.safetensors (adapter name stripped)
-        return _compat.remove_adapter_name_from_key(HydraLoraModel, key, adapter_name)
+
+    def file_key(key: str) -> str:  # as stored in adapter_model.safetensors (adapter name stripped)
+        return tuner_cls._remove_adapter_name_from_key(key, adapter_name)
 
     lines = [f"The HydraLoRA checkpoint for adapter '{adapter_name}' does not match its config:"]
     for title, keys in (("missing", missing), ("unexpected", unexpected)):
@@ -373,11 +409,25 @@ def check_adapter_state_dict(model: nn.Module, config: HydraLoraConfig, adapter_
     if mismatched:
         lines.append(f"- {len(mismatched)} tensor(s) with another shape, e.g.:")
     for k in mismatched[:3]:
-        lines.append(f"  {file_key(k)}: shape {got[k]} in the checkpoint, {tuple(expected[k])} from the config")
+        lines.append(f"  {file_key(k)}: shape {got[k]} in the checkpoint, {expected[k]} from the config")
+    if legacy:
+        lines.append("(A checkpoint of peft-hydra 0.1, whose hydra_B (out, N, r) was converted to (out, N*r).)")
+    targets = sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules
     lines.append(
         f"The config says r={config.r}, num_experts={config.num_experts}, share_a={config.share_a}, "
-        f"router_input={config.router_input!r}, fixed_gates={config.fixed_gates!r}, "
-        f"target_modules={sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules}."
+        f"router_input={config.router_input!r}, fixed_gates={config.fixed_gates!r}, target_modules={targets}."
         " Load the adapter with the adapter_config.json it was saved with, on the same base model architecture."
     )
     raise ValueError("\n".join(lines))
+
+
+def _router_hook(tuner: HydraLoraModel, layer_name: str, adapter: str, router, args, gates) -> None:
+    tuner._observe(layer_name, adapter, router, args[0], gates)
+
+
+def _enter_hook(tuner: HydraLoraModel, module, args, kwargs) -> None:
+    tuner._enter(kwargs)
+
+
+def _exit_hook(tuner: HydraLoraModel, module, args, kwargs, outputs):
+    return tuner._exit(kwargs, outputs)
