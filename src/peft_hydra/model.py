@@ -306,10 +306,12 @@ class HydraLoraModel(BaseTuner):
         self._in_forward = max(self._in_forward - 1, 0)
         if self._in_forward or self._losses is None:
             return None
+        loss = outputs.get("loss") if isinstance(outputs, dict) else None
+        if loss is None:  # no labels: the loop computes its own loss (and can add hydra_aux_loss(step=...))
+            return None
         aux = self.hydra_aux_loss(step=self.aux_loss_step)
         self.last_aux_loss = aux.detach()
-        loss = outputs.get("loss") if isinstance(outputs, dict) else None
-        if loss is None or not aux.requires_grad:
+        if not aux.requires_grad:
             return None
         share = 1.0
         labels, num_items = kwargs.get("labels"), kwargs.get("num_items_in_batch")
