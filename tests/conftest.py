@@ -87,3 +87,25 @@ def tiny_gpt2():
 def input_ids():
     g = torch.Generator().manual_seed(1234)
     return torch.randint(3, VOCAB, (2, 6), generator=g)
+
+
+def pack_4bit_for_cpu(model) -> int:
+    """Put the bitsandbytes 4-bit base weights of the adapted layers of ``model`` (the ``base_layer`` of each PEFT
+    tuner layer) into the layout that bitsandbytes' CPU kernel repacks them to in place during an eval forward without
+    grad on CPUs with AVX512-BF16 (``quant_state.packing_format_for_cpu``), whatever this machine's CPU, so that tests
+    cover code that meets weights in that layout on every machine. Returns how many such weights are in that layout
+    afterwards (an eval forward on such a CPU may have packed them already). On a CPU without AVX512-BF16 no forward
+    may run on a packed weight (bitsandbytes registers its packed kernel only where the CPU has it): pack, then merge,
+    unmerge or read, then forward (a merge replaces the weight; other layers are left unpacked)."""
+    import bitsandbytes as bnb
+
+    packed = 0
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit) and name.rsplit(".", 1)[-1] == "base_layer":
+            weight = module.weight
+            if not getattr(weight.quant_state, "packing_format_for_cpu", False):
+                weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(
+                    weight.data, weight.quant_state
+                )
+            packed += 1
+    return packed

@@ -1,5 +1,5 @@
-"""benchmarks/gpu_all.py (every GPU measurement in one call, issue 18): the wheel pieces are joined exactly, a missing
-piece is reported, and its CPU dry run runs every step and writes its tables to one folder."""
+"""benchmarks/gpu_all.py (every GPU measurement in one command): the wheel pieces are joined exactly, a missing piece
+is reported, and its CPU dry run runs every step and writes its tables to one folder."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_a_missing_piece_is_reported_and_the_other_wheels_still_install(tmp_path
     a, _, name = _pieces(tmp_path, b"0123456789")
     wheels, problems = gpu_all.join_parts([str(a)], tmp_path / "joined")
     assert [w.name for w in wheels] == ["small-1.0-py3-none-any.whl"]
-    assert len(problems) == 1 and name in problems[0] and ".gpu_wheels/b" in problems[0]
+    assert len(problems) == 1 and name in problems[0] and ".gpu_wheels/b" in problems[0] and "--wheels" in problems[0]
 
 
 @pytest.mark.slow
@@ -68,4 +68,4 @@ def test_cpu_dry_run_runs_every_step(tmp_path):
     assert "summary: row | mode" in (tmp_path / "bench_gpu.txt").read_text()
     assert '"rows"' in (tmp_path / "decode.json").read_text()
     assert "hydralora" in (tmp_path / "harness_results.md").read_text()
-    assert len(list(tmp_path.iterdir())) <= 8  # what the device tool brings back from $OUT
+    assert all(p.is_file() for p in tmp_path.iterdir())  # flat: one folder to copy back

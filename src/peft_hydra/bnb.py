@@ -14,6 +14,8 @@ Importing this module does not import ``bitsandbytes``: a base layer can only be
 
 from __future__ import annotations
 
+import copy
+import math
 import sys
 import warnings
 from typing import Optional
@@ -25,7 +27,10 @@ from .standalone.compat import BaseTunerLayer
 from .config import HydraLoraConfig
 from .layer import Linear
 
-__all__ = ["Linear4bit", "Linear8bitLt", "dispatch_bnb_4bit", "dispatch_bnb_8bit", "refuse_unsupported_quantized"]
+__all__ = [
+    "Linear4bit", "Linear8bitLt", "dispatch_bnb_4bit", "dispatch_bnb_8bit", "refuse_unsupported_quantized",
+    "standard_4bit_layout",
+]  # fmt: skip
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -193,8 +198,8 @@ class Linear4bit(_BnbLinear):
     def _dequantize(self) -> torch.Tensor:
         import bitsandbytes as bnb
 
-        weight = self.get_base_layer().weight
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        data, state = standard_4bit_layout(self.get_base_layer().weight)
+        return bnb.functional.dequantize_4bit(data, state)
 
     def _requantize(self, weight: torch.Tensor) -> None:
         import bitsandbytes as bnb
@@ -205,3 +210,48 @@ class Linear4bit(_BnbLinear):
         kwargs = {k: v for k, v in old.__dict__.items() if not k.startswith("_") and k not in ("data", "quant_state")}
         kwargs.update(requires_grad=False, bnb_quantized=False)
         base.weight = bnb.nn.Params4bit(weight.to("cpu"), **kwargs).to(old.device)
+
+
+def standard_4bit_layout(weight) -> tuple[torch.Tensor, object]:
+    """``(data, quant_state)`` of the bitsandbytes 4-bit weight ``weight`` in the standard layout that
+    ``bitsandbytes.functional.dequantize_4bit`` reads, without changing ``weight``.
+
+    On CPUs with AVX512-BF16, ``bnb.nn.Linear4bit.forward`` repacks its weight IN PLACE for its CPU kernel the first
+    time it runs in eval mode without grad (``quant_state.packing_format_for_cpu``: the nibbles re-ordered into an
+    (out, in/2) tile layout, the block scales transposed to bfloat16, double quantization undone).
+    ``dequantize_4bit`` does not read that layout, so a merge after any evaluation or ``generate()`` would otherwise
+    add the delta to misread weights. bitsandbytes' own ``_save_to_state_dict`` and ``.cuda()`` undo it with
+    ``_convert_weight_packed_for_cpu_inverse``; this does the same on copies, and puts single-quantized block scales
+    back in order, which that inverse misses (also where bitsandbytes already ran it in place). Only the bfloat16
+    rounding of the block scales remains. A layout this code does not know is refused with an error that names it.
+    """
+    import bitsandbytes as bnb
+
+    data, state = weight.data, weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        inverse = getattr(bnb.functional, "_convert_weight_packed_for_cpu_inverse", None)
+        if inverse is None:
+            raise _unknown_4bit_layout(data, state, "its CPU-packed layout, but this bitsandbytes has no inverse")
+        data, state = inverse(data.clone(), copy.deepcopy(state))
+    if state.absmax.dim() == 2 and not state.nested:
+        # That inverse (here, and in place by bitsandbytes' own _save_to_state_dict: any state_dict() or
+        # save_pretrained after an evaluation) restores the block scales of double quantization only (0.50):
+        # single-quantized ones stay transposed, (in / blocksize, out) in bfloat16, read in the wrong order.
+        state = copy.copy(state)
+        state.absmax = state.absmax.T.reshape(-1).float()
+    n_bytes = data.numel() * data.element_size()
+    standard = data.dim() == 1 or (data.dim() == 2 and data.shape[1] == 1)
+    if not standard or n_bytes != (math.prod(state.shape) + 1) // 2:
+        raise _unknown_4bit_layout(data, state, "a layout that is neither the standard (n, 1) one nor the CPU-packed one")
+    return data, state
+
+
+def _unknown_4bit_layout(data: torch.Tensor, state, what: str) -> RuntimeError:
+    import bitsandbytes as bnb
+
+    return RuntimeError(
+        f"Cannot merge into this bitsandbytes 4-bit weight: bitsandbytes {bnb.__version__} stores it in {what} "
+        f"(data {tuple(data.shape)} {data.dtype}, quant_state.shape {tuple(state.shape)}). Merging would add the "
+        "update to misread weights. Keep the adapter unmerged, or export it with peft_hydra.export_lora and merge on "
+        "an unquantized base, or use a bitsandbytes version peft-hydra is tested with (docs/quantized.md)."
+    )
