@@ -117,10 +117,12 @@ def export_lora(
         raise ValueError(f"Adapter '{adapter}' has no HydraLoRA layer to export.")
     check_gate_layers(gates, used_names)
 
-    # Non-HydraLoRA trainable tensors (modules_to_save) keep PEFT's saved layout.
-    for key, value in get_peft_model_state_dict(peft_model, adapter_name=adapter).items():
-        if f".{PREFIX}" not in key:
-            state[key] = value.detach().cpu().contiguous()
+    # Non-HydraLoRA trainable tensors (modules_to_save) keep PEFT's saved layout. Only read when there are any: the
+    # model's state_dict() runs bitsandbytes' own, which rewrites CPU-packed 4-bit weights in place (docs/quantized.md)
+    if config.modules_to_save:
+        for key, value in get_peft_model_state_dict(peft_model, adapter_name=adapter).items():
+            if f".{PREFIX}" not in key:
+                state[key] = value.detach().cpu().contiguous()
 
     target_modules = config.target_modules
     lora_config = LoraConfig(
