@@ -134,11 +134,15 @@ def push_to_hub(
             remote = api.hf_hub_download(repo_id, "README.md", revision=revision, token=token)
         except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
             remote = None
+        kept_tags: tuple = ()
         if remote is not None:
             with open(remote, encoding="utf-8") as src, open(readme, "w", encoding="utf-8") as dst:
                 dst.write(src.read())
+            from huggingface_hub import ModelCard
+
+            kept_tags = tuple(ModelCard.load(readme).data.tags or ())  # PEFT's card writer replaces them
         model.save_pretrained(tmp, **save_kwargs)
-        update_model_card(readme, model, adapter_ref=repo_id, tags=tags or ())
+        update_model_card(readme, model, adapter_ref=repo_id, tags=(*kept_tags, *(tags or ())))
         return api.upload_folder(
             repo_id=repo_id,
             folder_path=tmp,
