@@ -499,10 +499,11 @@ def checkpointed(make, use_reentrant):
     return base
 
 
-def test_balance_loss_counted_once_with_gradient_checkpointing(tiny_llama, input_ids):
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_balance_loss_counted_once_with_gradient_checkpointing(tiny_llama, input_ids, top_k):
     # the recompute inside backward() runs the routers again: the balance loss and its gradient must be those of the
-    # forward, exactly as without checkpointing
-    config = dict(r=4, num_experts=3, init_weights=False, router_aux_loss_coef=0.5)
+    # forward, exactly as without checkpointing (and the recompute must save what the forward saved: top-k's probs)
+    config = dict(r=4, num_experts=3, init_weights=False, router_aux_loss_coef=0.5, top_k=top_k)
     grads = {}
     for ckpt in (False, True):
         base = checkpointed(tiny_llama, False) if ckpt else tiny_llama()
@@ -515,6 +516,19 @@ def test_balance_loss_counted_once_with_gradient_checkpointing(tiny_llama, input
     assert grads[True].keys() == grads[False].keys()
     for name in grads[True]:
         torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-5, atol=1e-7)
+
+
+def test_a_balance_loss_nobody_uses_is_warned_about_once(tiny_llama, input_ids):
+    model = get_peft_model(tiny_llama(), hydra(r=4, num_experts=3, router_aux_loss_coef=0.1, init_weights=False)).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for _ in range(2):  # a loop that adds the term itself: fine
+            out = model(input_ids=input_ids)
+            (lm_loss(out, input_ids) + model.base_model.hydra_aux_loss()).backward()
+    with pytest.warns(UserWarning, match="balance loss .* was not used") as caught:
+        for _ in range(3):  # a loop that forgets it
+            lm_loss(model(input_ids=input_ids), input_ids).backward()
+    assert sum("was not used" in str(w.message) for w in caught) == 1
 
 
 def test_reentrant_gradient_checkpointing_warns_once_that_the_balance_loss_has_no_gradient(tiny_llama, input_ids):

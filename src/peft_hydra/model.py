@@ -84,6 +84,8 @@ class HydraLoraModel(BaseTuner):
         self._losses: Optional[list] = None  # this forward's (adapter, top_k, probs, gates) for the balance loss
         self._in_forward = 0
         self._warned_reentrant = False
+        self._aux_pending = False  # a training forward without a loss left a balance term nobody read yet
+        self._warned_unused = False
         self.aux_loss_step: Optional[int] = None  # optimizer steps done: for router_aux_loss_warmup_steps
         self.last_aux_loss: Optional[torch.Tensor] = None  # the balance term of the last training forward (detached)
         super().__init__(model, peft_config, adapter_name, **kwargs)
@@ -212,14 +214,17 @@ class HydraLoraModel(BaseTuner):
         self._hooks.append(model.register_forward_hook(partial(_exit_hook, self), with_kwargs=True, always_call=True))
 
     def _observe(self, layer_name: str, adapter: str, router, x: torch.Tensor, gates: torch.Tensor) -> None:
-        if not self._in_forward:  # a gradient-checkpointing recompute inside backward(): seen already
-            return
         probs = None
-        if self._losses is not None and self.peft_config[adapter].router_aux_loss_coef > 0:
+        balance = self.peft_config[adapter].router_aux_loss_coef > 0 and router.training
+        if balance and torch.is_grad_enabled():
+            # also in a gradient-checkpointing recompute: it must save the same tensors for backward as the forward
             probs = router.probs(x, gates)
+        if balance and self._in_forward and self._losses is not None:
+            # (without grad here: reentrant checkpointing, which hydra_aux_loss warns about)
+            probs = router.probs(x, gates) if probs is None else probs
             self._losses.append((adapter, router.top_k, probs, gates))
-        if not (self._stats_on or self._logging):
-            return
+        if not self._in_forward or not (self._stats_on or self._logging):
+            return  # outside the model's forward: a recompute inside backward(), seen already
         with torch.no_grad():
             g = gates.detach().reshape(-1, gates.shape[-1])
             if self._logging and self._log:
@@ -299,6 +304,15 @@ class HydraLoraModel(BaseTuner):
             coef_on = any(self.peft_config[a].router_aux_loss_coef > 0 for a in self.active_adapters
                           if a in self.peft_config)  # fmt: skip
             self._losses = [] if coef_on and self.training and torch.is_grad_enabled() else None
+            if self._losses is not None and self._aux_pending and not self._warned_unused:
+                self._warned_unused = True
+                warnings.warn(
+                    "The HydraLoRA router balance loss (router_aux_loss_coef > 0) was not used in the last training "
+                    "forward: the model computed no loss (no labels), and model.base_model.hydra_aux_loss() was not "
+                    "called before this forward. Pass labels so that it joins outputs.loss, or add "
+                    "model.base_model.hydra_aux_loss(step=optimizer_steps_done) to the loss you compute.",
+                    UserWarning,
+                )
         self._in_forward += 1
 
     def _exit(self, kwargs: dict, outputs: Any) -> Any:
@@ -307,7 +321,8 @@ class HydraLoraModel(BaseTuner):
         if self._in_forward or self._losses is None:
             return None
         loss = outputs.get("loss") if isinstance(outputs, dict) else None
-        if loss is None:  # no labels: the loop computes its own loss (and can add hydra_aux_loss(step=...))
+        if loss is None:  # no labels: the loop computes its own loss, and should add hydra_aux_loss(step=...)
+            self._aux_pending = True
             return None
         aux = self.hydra_aux_loss(step=self.aux_loss_step)
         self.last_aux_loss = aux.detach()
@@ -322,6 +337,11 @@ class HydraLoraModel(BaseTuner):
             counted = labels[..., 1:] if counted is None else counted
             share = counted.ne(-100).sum().to(aux.dtype) / torch.as_tensor(num_items, device=aux.device)
         outputs["loss"] = loss + (aux * share).to(loss.dtype)
+        log_probs, label_mask = outputs.get("log_probs"), outputs.get("label_mask")
+        if log_probs is not None and label_mask is not None:
+            # TRL's fused LM head (SFTTrainer): the trainer sums -log_probs over the label tokens itself and never reads
+            # outputs.loss; the balance term per label token gives its sum the same share as the loss above
+            outputs["log_probs"] = log_probs - aux.to(log_probs.dtype) * label_mask
         return outputs
 
     def hydra_aux_loss(self, adapter_name: Optional[str] = None, step: Optional[int] = None) -> torch.Tensor:
@@ -331,6 +351,7 @@ class HydraLoraModel(BaseTuner):
         ``step`` (optimizer steps done) drives ``router_aux_loss_warmup_steps``."""
         adapter_name = self._known_adapter(adapter_name)
         config = self.peft_config[adapter_name]
+        self._aux_pending = False
         if config.router_aux_loss_coef > 0 and adapter_name not in self._loss_adapters:
             raise ValueError(
                 f"router_aux_loss_coef of adapter '{adapter_name}' was set to {config.router_aux_loss_coef} after the "
