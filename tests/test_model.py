@@ -563,3 +563,20 @@ def test_router_outputs_of_an_unknown_adapter_raise(tiny_llama, input_ids):
     for call in (model.base_model.router_stats, model.base_model.hydra_aux_loss):
         with pytest.raises(ValueError, match=r"Unknown adapter 'typo'.*default"):
             call("typo")
+
+
+def test_parts_of_the_model_run_directly_need_the_observation_window(tiny_llama, input_ids):
+    # e.g. a harness that runs the decoder (or single decoder layers) itself, not the model's forward
+    model = get_peft_model(tiny_llama(), hydra(r=4, num_experts=3, init_weights=False, router_aux_loss_coef=0.5)).train()
+    decoder = model.base_model.model.model
+    decoder(input_ids=input_ids)
+    with pytest.raises(ValueError, match="observation_window"):
+        model.base_model.hydra_aux_loss()
+    with model.base_model.observation_window():
+        decoder(input_ids=input_ids)
+    aux = model.base_model.hydra_aux_loss()
+    assert aux.item() >= 0.5 * (1 - 1e-6) and aux.requires_grad
+    model.base_model.reset_router_stats()
+    with torch.no_grad(), model.base_model.observation_window():
+        decoder(input_ids=input_ids)
+    assert {s["tokens"] for s in model.base_model.router_stats()["layers"].values()} == {input_ids.numel()}

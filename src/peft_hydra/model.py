@@ -236,6 +236,16 @@ class HydraLoraModel(BaseTuner):
                 acc = self._stats.setdefault((adapter, layer_name), [0, 0])
                 acc[0], acc[1] = sums + acc[0], acc[1] + g.shape[0]
 
+    @contextmanager
+    def observation_window(self):
+        """Observe the routers in code that runs parts of the model directly (the model's forward, ``generate()``
+        included, opens this window itself; outside it nothing is recorded)."""
+        self._enter({})
+        try:
+            yield
+        finally:
+            self._exit({}, None)
+
     def enable_router_logging(self) -> None:
         """Keep every forward's gates, ``{layer_name: (tokens, N)}`` per forward (read with :meth:`get_router_log`)."""
         self._logging = True
@@ -357,6 +367,12 @@ class HydraLoraModel(BaseTuner):
                 f"router_aux_loss_coef of adapter '{adapter_name}' was set to {config.router_aux_loss_coef} after the "
                 "adapter was created, so its routers are not observed for the balance loss. Set router_aux_loss_coef "
                 "in the HydraLoraConfig passed to get_peft_model (a HydraLoraCallback also picks it up at train())."
+            )
+        if config.router_aux_loss_coef > 0 and self._losses is None and self.training and torch.is_grad_enabled():
+            raise ValueError(
+                "hydra_aux_loss() found no training forward of the model to take the routers' outputs from. The "
+                "routers are observed inside the forward of the wrapped model; code that runs parts of it directly "
+                "(e.g. decoder layers) must open that window itself: `with model.base_model.observation_window(): ...`."
             )
         coef = HF.aux_loss_warmup_coef(config.router_aux_loss_coef, step, config.router_aux_loss_warmup_steps)
         outs = [(k, p, g) for a, k, p, g in self._losses or () if a == adapter_name]

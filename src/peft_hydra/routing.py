@@ -208,7 +208,8 @@ def observe_routing(
         with tuner.collect_router_stats():
             for batch, label in zip(batches, labels):
                 tuner.reset_router_stats()
-                (forward or _forward)(model, batch)
+                with tuner.observation_window():  # also when ``forward`` runs parts of the model directly
+                    (forward or _forward)(model, batch)
                 for name, s in tuner.router_stats(adapter)["layers"].items():
                     acc = sums.setdefault(name, {}).setdefault(label, [0.0, 0.0, 0])
                     acc[0] += torch.tensor(s["mean_gate"], dtype=torch.float64) * s["tokens"]
