@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .standalone.compat import BaseTunerLayer
+from .standalone.compat import BaseTunerLayer, dequantize_bnb_weight
 from .config import HydraLoraConfig
 from .layer import Linear
 
@@ -165,14 +165,12 @@ class Linear8bitLt(_BnbLinear):
     bits = 8
 
     def _dequantize(self) -> torch.Tensor:
-        from .standalone.compat import dequantize_bnb_weight
-
         base = self.get_base_layer()
         if base.weight.dtype != torch.int8:  # has_fp16_weights=True: the weight is kept in float
             return base.weight.data
         if base.state.SCB is None:
             base.state.SCB = base.weight.SCB
-        return dequantize_bnb_weight()(base.weight, state=base.state)
+        return dequantize_bnb_weight(base.weight, state=base.state)
 
     def _requantize(self, weight: torch.Tensor) -> None:
         import bitsandbytes as bnb

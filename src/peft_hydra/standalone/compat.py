@@ -77,6 +77,7 @@ TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING = _import(
     "peft.utils", "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING"
 )
 _save_and_load = _import("peft.utils", "save_and_load")
+dequantize_bnb_weight = _import("peft.utils.integrations", "dequantize_bnb_weight")  # merging into bitsandbytes 8-bit
 
 #: BaseTuner / BaseTunerLayer methods the tuner overrides or calls (private, stable since 0.18.0).
 REQUIRED_METHODS = {
@@ -191,8 +192,3 @@ def enclosing_peft_save() -> Optional[tuple[nn.Module, str]]:
     """On peft < 0.20 (which saves every adapter's tensors into each file): ``(model, adapter_name)`` of the running
     ``get_peft_model_state_dict`` when it reads ``model.state_dict()`` itself, else None."""
     return None if NATIVE_SAVE_FILTER else _enclosing_model_and_adapter(_save_and_load.get_peft_model_state_dict)
-
-
-def dequantize_bnb_weight():
-    """``peft.utils.integrations.dequantize_bnb_weight`` (used to merge into bitsandbytes layers)."""
-    return _import("peft.utils.integrations", "dequantize_bnb_weight")
