@@ -175,7 +175,7 @@ def main() -> int:
                HF_HUB_OFFLINE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))  # fmt: skip
     check = "import peft, peft.tuners.hydralora as h; print(peft.__file__); assert 'HYDRALORA' in peft.PeftType.__members__"
     subprocess.run([sys.executable, "-c", check], env=env, check=True, cwd=tree)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_custom_models.py",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "tests/test_custom_models.py",
            "-k", "HydraLoRA", *sys.argv[1:]]  # fmt: skip
     return subprocess.run(cmd, env=env, cwd=tree).returncode
 
