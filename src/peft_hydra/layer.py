@@ -6,13 +6,13 @@
 - ``hydra_router[name]``: :class:`~peft_hydra.router.HydraRouter`, logits -> gates (N > 1 only);
 - ``hydra_dropout[name]``: the dropout on the adapter input.
 
-Why A and the router share one ``nn.Linear``: both read the same x, so one GEMM over x serves both (x is read once;
-the router is not a second skinny GEMM and backward), and a layer has two parameter tensors as LoRA's, which AdamW
-steps faster. A training step of a tiny Llama (benchmarks/bench_overhead.py, 1 thread) measured HydraLoRA/LoRA 1.22
-with a separate router module and 1.14 with the shared GEMM (see docs/performance.md). The router still sees x as
-given: when a dropout is active, ``hydra_A`` is called a second time on the un-dropped x for the router's logits
-(the authors' layout; the same two GEMMs a separate router costs). The adapter runs on the tokens as a 2-D view
-(tokens, in): a Linear on 3-D input folds and unfolds it around its GEMM (more autograd nodes per call).
+Why A and the router share one ``nn.Linear``: both read the same x, so one GEMM over x serves both, and a layer has
+two parameter tensors as LoRA's. The router still sees x as given: when a dropout is active, ``hydra_A`` is called a
+second time on the un-dropped x for the router's logits (the authors' layout). The adapter runs on the tokens as a
+2-D view (tokens, in): a Linear on 3-D input folds and unfolds it around its GEMM. Measured as training steps of a
+tiny Llama, HydraLoRA r=8 N=3 / LoRA r=16, medians of 5 rounds in one run (benchmarks/bench_overhead.py --choices,
+docs/performance.md): this layout 1.25, the router's logits from a GEMM of their own 1.30, the adapter on 3-D x 1.29.
+The base layer gets x as the model gave it (on a 2-D view it measured the same).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class HydraLoraLayer(BaseTunerLayer):
     adapter_layer_names: tuple[str, ...] = ("hydra_A", "hydra_B", "hydra_router")
     other_param_names: tuple[str, ...] = (
         "r", "lora_alpha", "scaling", "num_experts", "share_a", "router_input", "dropout_per_head", "hydra_dropout",
+        "hydra_layout",
     )  # fmt: skip
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
@@ -45,6 +46,8 @@ class HydraLoraLayer(BaseTunerLayer):
         self.share_a: dict[str, bool] = {}
         self.router_input: dict[str, str] = {}
         self.dropout_per_head: dict[str, bool] = {}
+        # adapter -> (rows of A, N, r, router in hydra_A, has a dropout, one dropout mask per head): static layout
+        self.hydra_layout: dict[str, tuple[int, int, int, bool, bool, bool]] = {}
         self.hydra_dropout = nn.ModuleDict({})
         self.hydra_A = nn.ModuleDict({})
         self.hydra_B = nn.ModuleDict({})
@@ -79,6 +82,7 @@ class HydraLoraLayer(BaseTunerLayer):
         fused = config.has_router and config.router_input == "x"
         self.hydra_A[adapter_name] = nn.Linear(self.in_features, rows + (n if fused else 0), bias=False)
         self.hydra_B[adapter_name] = nn.Linear(n * r, self.out_features, bias=False)
+        self.hydra_layout[adapter_name] = (rows, n, r, fused, config.lora_dropout > 0, config.dropout_per_head and n > 1)
         if config.has_router:
             self.hydra_router[adapter_name] = HydraRouter(
                 n, None if fused else rows, top_k=config.top_k, temperature=config.router_temperature
@@ -114,16 +118,19 @@ class HydraLoraLayer(BaseTunerLayer):
 
     # ----------------------------------------------------------------------------------------------- forward
     def _delta(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
-        """``sum_i g_i B_i A x`` of ``adapter`` (unscaled) for ``x`` (..., in) -> (tokens, out)."""
-        A, B = self.hydra_A[adapter], self.hydra_B[adapter]
-        router = self.hydra_router[adapter] if adapter in self.hydra_router else None
-        dropout = self.hydra_dropout[adapter]
-        n, r, rows = self.num_experts[adapter], self.r[adapter], self._a_rows(adapter)
-        fused = router is not None and router.learned and router.weight is None
-        x = self._cast_input_dtype(x, A.weight.dtype).reshape(-1, x.shape[-1])  # (tokens, in)
+        """``sum_i g_i B_i A x`` of ``adapter`` (unscaled) for ``x`` (..., in) -> (tokens, out). This runs once per
+        adapted layer and forward, and in small, host-bound steps its Python is a measurable part of the step: the
+        adapter's static layout is one tuple (``hydra_layout``), and each container is read once."""
+        rows, n, r, fused, dropout_on, per_head = self.hydra_layout[adapter]
+        A = self.hydra_A[adapter]
+        weight = A.weight
+        x = x.reshape(-1, x.shape[-1])  # (tokens, in)
+        if x.dtype != weight.dtype:
+            x = self._cast_input_dtype(x, weight.dtype)
+        dropout = self.hydra_dropout[adapter] if dropout_on else None
         logits = None
-        if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
-            if self.dropout_per_head[adapter] and n > 1:  # one mask per head, as the authors' per-head loop
+        if dropout is not None and dropout.training:
+            if per_head:  # one mask per head, as the authors' per-head loop
                 h = A(dropout(x.unsqueeze(1).expand(-1, n, -1)))[..., :rows]  # (T, N, rows)
                 if rows != r:  # one A per head: head i's A on head i's mask
                     h = h.unflatten(-1, (n, r)).diagonal(dim1=1, dim2=2).transpose(1, 2)
@@ -135,11 +142,8 @@ class HydraLoraLayer(BaseTunerLayer):
             h, logits = A(x).split([rows, n], dim=-1)
         else:
             h = A(x)
-        if router is None:
-            gates = None
-        else:
-            gates = router(logits if fused else h)
-        return B(HF.mix_input(h, gates, r))  # (tokens, out)
+        gates = None if n == 1 else self.hydra_router[adapter](logits if fused else h)
+        return self.hydra_B[adapter](HF.mix_input(h, gates, r))  # (tokens, out)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
@@ -152,10 +156,13 @@ class HydraLoraLayer(BaseTunerLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
+        layout, scaling = self.hydra_layout, self.scaling
         for adapter in self.active_adapters:
-            if adapter in self.hydra_A:
+            if adapter in layout:
                 delta = self._delta(adapter, x).view(result.shape)
-                result = torch.add(result, delta.to(result.dtype), alpha=self.scaling[adapter])
+                if delta.dtype != result.dtype:
+                    delta = delta.to(result.dtype)
+                result = torch.add(result, delta, alpha=scaling[adapter])
         return result
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str], **kwargs: Any):
