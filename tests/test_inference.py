@@ -39,7 +39,7 @@ class One(nn.Module):
 @pytest.mark.parametrize("tokens", [1, 70])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_forward_without_autograd_equals_the_forward_with_it(variant, tokens, dtype):
-    config = dict(r=4, lora_alpha=8, num_experts=3, target_modules=["lin"], init_weights=False, **VARIANTS[variant])
+    config = {**dict(r=4, lora_alpha=8, num_experts=3, target_modules=["lin"], init_weights=False), **VARIANTS[variant]}
     torch.manual_seed(1)
     model = get_peft_model(One().to(dtype), HydraLoraConfig(**config), autocast_adapter_dtype=False).eval()
     x = torch.randn(2, tokens, 16, dtype=dtype)
