@@ -679,6 +679,9 @@ def train(options: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
     if trainer.is_world_process_zero():
         trainer.processing_class.save_pretrained(options["output_dir"])
+        from .standalone.card import write_model_card
+
+        write_model_card(trainer.model, options["output_dir"])  # PEFT's card + the HydraLoRA usage snippet
         card = os.path.join(options["output_dir"], "README.md")
         if os.path.exists(card):
             _add_training_section(card, options, summary)
