@@ -9,6 +9,14 @@ CONFIG ?= configs/default.yaml
 PYTEST_ARGS ?=
 # known-good versions of every dependency (docs/development.md): reproducible set-up and CI; `make constraints` renews
 CONSTRAINTS ?= constraints.txt
+# PEFT's own tests ship in the peft sdist (tests/test_peft_conformance.py, make peft-conformance): every environment
+# fetches the sdist of its peft into this cache when it is set up (once per version)
+PEFT_CACHE ?= $(or $(PEFT_HYDRA_CACHE),$(HOME)/.cache/peft-hydra)
+export PEFT_HYDRA_CACHE := $(PEFT_CACHE)
+define fetch-peft-sdist
+v=$$($(1) -c 'import peft; print(peft.__version__)'); test -f $(PEFT_CACHE)/peft-$$v.tar.gz || \
+	$(1) -m pip download -q --no-binary :all: --no-deps peft==$$v -d $(PEFT_CACHE)
+endef
 
 $(VENV)/.base: setup.cfg setup.py pyproject.toml $(CONSTRAINTS)
 	$(PY) -m venv $(VENV)
@@ -25,6 +33,7 @@ $(VENV)/.installed-compare: $(VENV)/.base
 
 $(VENV)/.installed-test: $(VENV)/.base
 	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[test]"
+	$(call fetch-peft-sdist,$(BIN)/python)
 	touch $(VENV)/.installed-compare $@
 
 # Renew constraints.txt: the newest releases of everything `make setup` installs (torch stays pinned), frozen. Then
@@ -57,6 +66,13 @@ smoke: setup-compare
 bench: setup
 	OMP_NUM_THREADS=2 $(BIN)/python benchmarks/bench_layer.py
 
+# Upstream-ready: the tuner's files copied into the peft sdist as peft/tuners/hydralora/ (they differ from the
+# package's only in import lines: checked), HYDRALORA in PeftType, register_peft_method in its __init__, HydraLoRA rows
+# in PEFT's own tests/test_custom_models.py, which then run (.ci/peft_upstream.py; the tree in .peft-upstream/)
+.PHONY: peft-conformance
+peft-conformance: setup
+	$(BIN)/python .ci/peft_upstream.py $(PYTEST_ARGS)
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The supported range (docs/versions.md): the tuner's tests in side virtual environments (CI runs both: .ci/run).
 #   make test-oldest -> the oldest supported set: LLaMA-Factory 0.9.5's pins (peft 0.18.1, transformers 5.6.0)
@@ -87,6 +103,7 @@ MATRIX_ENV := OMP_NUM_THREADS=1
 .venv-oldest/.installed: .venv-oldest/.base setup.cfg setup.py pyproject.toml
 	.venv-oldest/bin/python -m pip install -q -c .venv-oldest/constraints.txt $(OLDEST_PINS) $(MATRIX_DEPS)
 	$(INSTALL_LOCK) .venv-oldest/bin/python -m pip install -q -c .venv-oldest/constraints.txt -e . $(OLDEST_PINS)
+	$(call fetch-peft-sdist,.venv-oldest/bin/python)
 	touch $@
 
 .PHONY: test-oldest test-newest test-matrix newest-upgrade
@@ -99,6 +116,7 @@ test-oldest: .venv-oldest/.installed
 newest-upgrade: .venv-newest/.base
 	.venv-newest/bin/python -m pip install -q --upgrade -c .venv-newest/constraints.txt peft transformers safetensors $(MATRIX_DEPS)
 	$(INSTALL_LOCK) .venv-newest/bin/python -m pip install -q --no-deps -e .
+	$(call fetch-peft-sdist,.venv-newest/bin/python)
 
 test-newest: newest-upgrade
 	@.venv-newest/bin/python -c 'import peft, transformers, torch; print("test-newest: peft", peft.__version__, "transformers", transformers.__version__, "torch", torch.__version__)'

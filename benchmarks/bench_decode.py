@@ -13,9 +13,9 @@ Sizes (random weights; decode speed does not depend on the values):
   instead (as ``peft-hydra compare`` does).
 
 Methods, adapters on the 7 linears of every layer (q, k, v, o, gate, up, down), made by ``get_peft_model``:
-base model; PEFT LoRA r=16; HydraLoRA r=8 N=3 (about the same trainable parameters) dense, the same through the
-training path (``HydraLoraLayer.inference_path = False``: what every forward ran before the inference path), top-1
-(``top_k=1``), and merged with uniform gates (``merge_and_unload(gates="uniform")``: a plain model again).
+base model; PEFT LoRA r=16; HydraLoRA r=8 N=3 (about the same trainable parameters) dense, top-1 (``top_k=1``), and
+merged with uniform gates (``merge_and_unload(gates="uniform")``: a plain model again). The layer has one forward
+path for training, evaluation and generation.
 
 Timing: a prompt of ``--prompt`` tokens, then exactly ``--new-tokens`` greedy tokens (``min_new_tokens`` =
 ``max_new_tokens``). A logits processor stamps the clock at every decoding step, so the prefill is excluded: one
@@ -53,8 +53,7 @@ SIZES = {
 }  # fmt: skip
 SIZE_LABELS = {"tiny": "tiny Llama (8 layers, hidden 32; host-bound)",
                "smollm2": "SmolLM2-135M width (30 layers, hidden 576, 7 linears adapted)"}  # fmt: skip
-METHODS = ["base", "LoRA r=16", "HydraLoRA r=8 N=3", "HydraLoRA (training path)", "HydraLoRA top-1",
-           "HydraLoRA merged (uniform gates)"]  # fmt: skip
+METHODS = ["base", "LoRA r=16", "HydraLoRA r=8 N=3", "HydraLoRA top-1", "HydraLoRA merged (uniform gates)"]
 HYDRA, LORA, BASE = "HydraLoRA r=8 N=3", "LoRA r=16", "base"
 
 
@@ -93,21 +92,10 @@ def make_models(size: str, dtype: torch.dtype, device: str, real: bool, methods:
         LORA: lambda: (torch.manual_seed(1), get_peft_model(
             copy.deepcopy(base), LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False)))[1],
         HYDRA: hydra,
-        "HydraLoRA (training path)": lambda: training_path(hydra()),
         "HydraLoRA top-1": lambda: hydra(top_k=1),
         "HydraLoRA merged (uniform gates)": lambda: hydra().merge_and_unload(gates="uniform"),
     }  # fmt: skip
     return {name: builders[name]().eval() for name in methods}
-
-
-def training_path(model: nn.Module) -> nn.Module:
-    """The model with every HydraLoRA layer on its training path (the inference path switched off)."""
-    from peft_hydra.layer import HydraLoraLayer
-
-    for module in model.modules():
-        if isinstance(module, HydraLoraLayer):
-            module.inference_path = False
-    return model
 
 
 class StepClock:
@@ -157,8 +145,6 @@ def ratios(med: dict[str, float]) -> dict[str, float]:
     for name, value in med.items():
         if name != BASE and BASE in med:
             out[f"{name} / base"] = value / med[BASE]
-    if HYDRA in med and "HydraLoRA (training path)" in med:
-        out["HydraLoRA inference path / training path"] = med[HYDRA] / med["HydraLoRA (training path)"]
     return out
 
 

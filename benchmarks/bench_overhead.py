@@ -3,7 +3,6 @@
     nice -n 5 .venv/bin/python benchmarks/bench_overhead.py
     nice -n 5 .venv/bin/python benchmarks/bench_overhead.py --choices       # also time the design alternatives
     .venv/bin/python benchmarks/bench_overhead.py --quick                   # smoke run
-    nice -n 5 .venv/bin/python benchmarks/bench_overhead.py --router-gemm   # fused vs separate router GEMM by size
 
 At these sizes (8 Llama layers, hidden 32, 8 tokens, all 7 linears adapted) a step is all host overhead: Python,
 dispatcher, autograd bookkeeping, kernel launches. Small models, short sequences and small batches are where this
@@ -20,30 +19,15 @@ the ones that run a kernel), and autograd nodes, per adapted layer, over one for
 
 Target (issue 7): HydraLoRA r=8 N=3 / PEFT LoRA r=16 <= 1.20 (the same trainable-parameter budget).
 
-``--choices`` times the alternatives that were measured for the hot path (``delta_2d`` in
-src/peft_hydra/functional.py) against the shipped one, each swapped in for the whole step:
+``--choices`` times the alternatives to the layer's adapter path (``HydraLoraLayer._delta``) that decided its shape,
+each swapped in for the whole step (same outputs, checked):
 
-- ``fused A|router GEMM``: one GEMM over x for A and the router, with a ``torch.cat([A, W_router])`` per forward
-  and a ``split`` of the result (the shipped path from ``functional.FUSED_ROUTER_MIN_ELEMENTS`` elements of x on,
-  forced here by setting that threshold to 0; at these sizes the shipped router is a GEMM of its own);
-- ``base layer on (batch, seq, in)``: the base layer called on x as given (the shipped forward calls it, and the
-  adapter, on x flattened to (tokens, in): a Linear on 3-D input folds and unfolds it around its GEMM, two more ops
-  and autograd nodes per layer);
-- ``3-D linears``: the base layer and the adapter's GEMMs all on (batch, seq, in);
-- ``parameters as module attributes``: A, the router and B read as ``A.weight`` / ``hydra_B[name]`` (through
-  ``nn.Module.__getattr__``) instead of from ``_parameters`` (``layer._param``);
-- ``broadcast-multiply head mix``: the gates x ``A x`` outer product as a broadcast multiply (previous; still used
-  under torch.compile, where it fuses) instead of a batched GEMM (``bmm``, shipped for eager: its backward is two
-  batched GEMMs instead of two multiplies and two reductions);
-- ``top-k renormalise``: top-k as softmax -> topk -> renormalise -> scatter (previous) instead of a softmax over
-  the k largest logits (shipped);
-- ``head mix as autograd.Function``: the gates x ``A x`` broadcast and the B GEMM as one custom
-  ``torch.autograd.Function`` with a hand-written backward (``HeadMix`` below, checked with gradcheck in
-  tests/test_functional.py).
-
-``--router-gemm`` times ``functional.delta_2d`` alone (forward + backward) with the router fused into A's GEMM
-and as a separate GEMM, over sizes from this host-bound case to SmolLM2's widths, and prints fused / separate: the
-measurement behind ``functional.FUSED_ROUTER_MIN_ELEMENTS`` (marked: the path the shipped threshold takes).
+- ``router as its own GEMM``: the router's logits from a second GEMM over x (what a router module holding its own
+  weight costs) instead of the last N rows of ``hydra_A``'s one GEMM;
+- ``adapter on (batch, seq, in)``: the adapter's modules called on x as given instead of a 2-D view of the tokens
+  (a Linear on 3-D input folds and unfolds it around its GEMM: more autograd nodes per call);
+- ``broadcast-multiply head mix``: the gates x ``A x`` outer product as a broadcast multiply instead of a batched
+  GEMM (``bmm``, shipped for eager: its backward is two batched GEMMs instead of two multiplies and two reductions).
 """
 
 from __future__ import annotations
@@ -78,128 +62,45 @@ def build_base(layers: int, hidden: int, intermediate: int, seed: int = 0) -> nn
 
 
 # ------------------------------------------------------------------------------------- measured alternatives
-class HeadMix(torch.autograd.Function):
-    """``(g[..., :, None] * h).flatten(-2) @ B_flat.T`` with a hand-written backward (2-D: g (T, N), h (T, 1|N, r))."""
+def _alternative_delta(choice: str) -> Callable:
+    """``HydraLoraLayer._delta`` with one design alternative (router on x, shared A, no dropout: the benchmark's)."""
+    from peft_hydra import functional as HF
 
-    @staticmethod
-    def forward(ctx, g: torch.Tensor, h: torch.Tensor, B_flat: torch.Tensor) -> torch.Tensor:
-        gated = (g.unsqueeze(-1) * h).flatten(-2)  # (T, N*r)
-        ctx.save_for_backward(g, h, B_flat, gated)
-        return gated.mm(B_flat.t())
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        g, h, B_flat, gated = ctx.saved_tensors
-        n, r = g.shape[-1], h.shape[-1]
-        grad_gated = grad_out.mm(B_flat).view(-1, n, r)  # (T, N, r)
-        grad_B = grad_out.t().mm(gated) if ctx.needs_input_grad[2] else None
-        if h.shape[1] == 1:  # a shared A: reduce over the heads with batched GEMMs
-            grad_g = torch.bmm(grad_gated, h.transpose(1, 2)).squeeze(-1)  # (T, N)
-            grad_h = torch.bmm(g.unsqueeze(1), grad_gated)  # (T, 1, r)
+    def delta(self, adapter, x):
+        A, B, router = self.hydra_A[adapter], self.hydra_B[adapter], self.hydra_router[adapter]
+        rows, n = self._a_rows(adapter), self.num_experts[adapter]
+        x = self._cast_input_dtype(x, A.weight.dtype)
+        if choice == "router as its own GEMM":  # what a router module of its own costs: a second GEMM over x
+            x = x.reshape(-1, x.shape[-1])
+            h, logits = F.linear(x, A.weight[:rows]), F.linear(x, A.weight[rows:])
         else:
-            grad_g = (grad_gated * h).sum(-1)
-            grad_h = grad_gated * g.unsqueeze(-1)
-        return grad_g, grad_h, grad_B
+            if choice != "adapter on (batch, seq, in)":
+                x = x.reshape(-1, x.shape[-1])
+            h, logits = A(x).split([rows, n], dim=-1)
+        gates = router(logits)
+        if choice == "adapter on (batch, seq, in)" or choice == "broadcast-multiply head mix":
+            mixed = (gates.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)
+        else:
+            mixed = HF.mix_input(h, gates, self.r[adapter])
+        return B(mixed)
 
-
-def _alternative(name: str, shipped: Callable) -> Callable:
-    """A stand-in for ``functional.delta_2d`` implementing one alternative."""
-    from peft_hydra import functional as HF
-
-    def delta_2d(x, A, B, scaling, *, router_weight, fixed_gates, router_input, top_k, temperature, dropout,
-                 dropout_per_head, need_probs):  # fmt: skip
-        out_features, n, r = B.shape
-        if name == "top-k renormalise" and router_weight is not None and top_k is not None:
-            h = F.linear(x, A)
-            probs = HF.softmax_gates(F.linear(x, router_weight), temperature)
-            gates = HF.top_k_gates(probs, top_k)
-            return HF._mix(h.unsqueeze(-2), gates, B, scaling), gates, probs
-        if name == "broadcast-multiply head mix" and router_weight is not None and A.shape[0] == r:
-            h = F.linear(x, A)
-            gates = probs = HF.softmax_gates(F.linear(x, router_weight), temperature)
-            g = gates * scaling if scaling != 1.0 else gates
-            gated = (g.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)
-            return F.linear(gated, B.view(out_features, n * r)), gates, probs
-        if name == "head mix as autograd.Function" and router_weight is not None and A.shape[0] == r:
-            h = F.linear(x, A)
-            gates = probs = HF.softmax_gates(F.linear(x, router_weight), temperature)
-            g = gates * scaling if scaling != 1.0 else gates
-            return HeadMix.apply(g, h.unsqueeze(-2), B.view(out_features, n * r)), gates, probs
-        return shipped(x, A, B, scaling, router_weight=router_weight, fixed_gates=fixed_gates,
-                       router_input=router_input, top_k=top_k, temperature=temperature, dropout=dropout,
-                       dropout_per_head=dropout_per_head, need_probs=need_probs)  # fmt: skip
-
-    return delta_2d
-
-
-def _forward_3d(adapter_3d: bool) -> Callable:
-    """The layer's forward with the base layer on x as given, (batch, seq, in) (the shipped forward flattens x to
-    (tokens, in) once for the base layer and the adapter); ``adapter_3d``: the adapter's GEMMs on (batch, seq, in)
-    too, else on one flattened view (the shipped ``_adapter_delta``)."""
-    from peft_hydra import functional as HF
-
-    def forward(self, x, *args, **kwargs):
-        result = self.base_layer(x, *args, **kwargs)
-        for adapter in self.active_adapters:
-            if adapter not in self.hydra_A:
-                continue
-            if adapter_3d:
-                A, W, B = self.hydra_A[adapter].weight, self.hydra_router[adapter].weight, self.hydra_B[adapter]
-                out_features, n, r = B.shape
-                h = F.linear(x, A)
-                gates = HF.softmax_gates(F.linear(x, W))
-                delta = F.linear((gates.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2), B.view(out_features, n * r))
-            else:
-                delta = self._adapter_delta(adapter, x.reshape(-1, x.shape[-1]), scaled=False).view_as(result)
-            result = torch.add(result, delta, alpha=self.scaling[adapter])
-        return result
-
-    return forward
+    return delta
 
 
 @contextlib.contextmanager
 def swapped(choice: Optional[str]):
-    """Run the step with one alternative of the hot path swapped in (None: the shipped code)."""
-    from peft_hydra import functional as HF
+    """Run the step with one alternative of the layer's adapter path swapped in (None: the shipped code)."""
     from peft_hydra.layer import HydraLoraLayer
 
     if choice is None:
         yield
         return
-    if choice == "fused A|router GEMM":  # the shipped fused path, forced below its size threshold
-        threshold = HF.FUSED_ROUTER_MIN_ELEMENTS
-        HF.FUSED_ROUTER_MIN_ELEMENTS = 0
-        try:
-            yield
-        finally:
-            HF.FUSED_ROUTER_MIN_ELEMENTS = threshold
-        return
-    if choice == "parameters as module attributes":
-        from peft_hydra import layer
-
-        shipped = layer._param
-        layer._param = getattr  # A.weight, router.weight, hydra_B[name] through nn.Module.__getattr__
-        try:
-            yield
-        finally:
-            layer._param = shipped
-        return
-    if choice in ("base layer on (batch, seq, in)", "3-D linears"):
-        from peft_hydra.layer import Linear
-
-        shipped = Linear.forward
-        Linear.forward = _forward_3d(adapter_3d=choice == "3-D linears")
-        try:
-            yield
-        finally:
-            Linear.forward = shipped
-        return
-    shipped = HF.delta_2d
-    HF.delta_2d = _alternative(choice, shipped)
+    shipped = HydraLoraLayer._delta
+    HydraLoraLayer._delta = _alternative_delta(choice)
     try:
         yield
     finally:
-        HF.delta_2d = shipped
+        HydraLoraLayer._delta = shipped
 
 
 # ------------------------------------------------------------------------------------------------ the step
@@ -235,12 +136,8 @@ def make_methods(args) -> dict[str, tuple[nn.Module, Optional[str], bool]]:
         })  # fmt: skip
     if args.choices:
         dense = methods["HydraLoRA r=8 N=3"][0]
-        top2 = hydra(top_k=2)
-        for choice in ("fused A|router GEMM", "base layer on (batch, seq, in)", "3-D linears",
-                       "parameters as module attributes", "broadcast-multiply head mix",
-                       "head mix as autograd.Function"):  # fmt: skip
+        for choice in ("router as its own GEMM", "adapter on (batch, seq, in)", "broadcast-multiply head mix"):
             methods[f"  alt: {choice}"] = (dense, choice, False)
-        methods["  alt: top-k renormalise (top-2)"] = (top2, "top-k renormalise", False)
     for model, _, _ in methods.values():
         model.train()
     return methods
@@ -260,7 +157,7 @@ def step_fn(name: str, model: nn.Module, choice: Optional[str], aux: bool, input
         with swapped(choice):
             loss = model(input_ids=input_ids).last_hidden_state.pow(2).mean()
             if aux:
-                loss = loss + model.base_model.hydra_aux_loss()
+                loss = loss + model.base_model.hydra_aux_loss()  # this step computes its own loss (no labels)
             loss.backward()
         for p in params:
             p.grad = None
@@ -300,50 +197,6 @@ def op_counts(name, model, choice, aux, input_ids) -> tuple[int, int, int]:
     return len(events), len(leaves), autograd_nodes(loss)
 
 
-ROUTER_GEMM_SHAPES = [(8, 32, 32), (64, 64, 64), (8, 576, 576), (32, 576, 576), (64, 576, 576), (128, 576, 576),
-                      (32, 1536, 576), (128, 1536, 576), (16, 2048, 2048), (512, 576, 1536)]  # (tokens, in, out)
-
-
-def router_gemm_table(threads: int, rounds: int) -> None:
-    """fused / separate router GEMM for ``delta_2d`` (r=8, N=3, fp32) at each (tokens, in, out) of ROUTER_GEMM_SHAPES."""
-    from peft_hydra import functional as HF
-
-    shipped = HF.FUSED_ROUTER_MIN_ELEMENTS
-    print(f"delta_2d forward + backward, r=8 N=3 fp32, {threads} thread(s); shipped threshold: fuse from {shipped} "
-          f"elements of x (tokens x in)\n{'tokens':>6s} {'in':>5s} {'out':>5s} {'T*in':>7s} {'separate us':>11s} "
-          f"{'fused us':>9s} {'fused/sep':>9s}  shipped path")  # fmt: skip
-    gen = torch.Generator().manual_seed(0)
-    for tokens, d_in, d_out in ROUTER_GEMM_SHAPES:
-        x = torch.randn(tokens, d_in, generator=gen).requires_grad_(True)
-        A = torch.randn(8, d_in, generator=gen).requires_grad_(True)
-        W = torch.randn(3, d_in, generator=gen).requires_grad_(True)
-        B = torch.randn(d_out, 3, 8, generator=gen).requires_grad_(True)
-
-        def step():
-            delta = HF.delta_2d(x, A, B, 1.0, router_weight=W, fixed_gates=None, router_input="x", top_k=None,
-                                temperature=1.0, dropout=None, dropout_per_head=False, need_probs=False)[0]  # fmt: skip
-            delta.sum().backward()
-
-        n = max(10, int(4e6 // (tokens * d_in)))
-        best = {}
-        for _ in range(rounds):
-            for label, threshold in (("separate", 1 << 62), ("fused", 0)):
-                HF.FUSED_ROUTER_MIN_ELEMENTS = threshold
-                try:
-                    for _ in range(3):
-                        step()
-                    c0 = time.process_time()
-                    for _ in range(n):
-                        step()
-                    t = (time.process_time() - c0) / n * 1e6
-                finally:
-                    HF.FUSED_ROUTER_MIN_ELEMENTS = shipped
-                best[label] = min(best.get(label, t), t)
-        path = "fused" if tokens * d_in >= shipped else "separate"
-        print(f"{tokens:6d} {d_in:5d} {d_out:5d} {tokens * d_in:7d} {best['separate']:11.1f} {best['fused']:9.1f} "
-              f"{best['fused'] / best['separate']:9.2f}  {path}")  # fmt: skip
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=8)
@@ -356,17 +209,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--choices", action="store_true", help="also time the measured design alternatives")
     parser.add_argument("--quick", action="store_true", help="3 rounds of 20 steps, fewer methods (smoke run)")
-    parser.add_argument("--router-gemm", action="store_true", help="only the fused vs separate router GEMM table")
     args = parser.parse_args(argv)
     if args.quick:
         args.warmup, args.repeats, args.rounds = 3, 20, 3
     torch.set_num_threads(args.threads)
     print("command:", " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average at start {os.getloadavg()}")
-    if args.router_gemm:
-        router_gemm_table(args.threads, args.rounds)
-        print(f"load average at end {os.getloadavg()}")
-        return 0
     print(f"stack: {args.layers} Llama layers, hidden {args.hidden}, intermediate {args.intermediate}, fp32, "
           f"batch 1 x {args.tokens} tokens, all 7 linears adapted ({7 * args.layers} layers)")  # fmt: skip
 
@@ -379,7 +227,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         ref = methods["HydraLoRA r=8 N=3"][0](input_ids=input_ids).last_hidden_state
         for name, (m, choice, _) in methods.items():
-            if choice is not None and "top-k" not in choice:
+            if choice is not None:
                 with swapped(choice):
                     diff = (m(input_ids=input_ids).last_hidden_state - ref).abs().max().item()
                 assert diff < 1e-4, f"{name} differs from the shipped code by {diff}"

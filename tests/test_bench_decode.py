@@ -37,16 +37,3 @@ def test_quick_tiny_run_prints_and_writes_every_method(tmp_path, capsys):
     assert printed.count("HydraLoRA / LoRA:") == 2 and "summary:" in printed
     for method in bench.METHODS:
         assert printed.count(f"  {method} ") >= 2
-
-
-def test_training_path_model_has_the_inference_path_off():
-    """The "(training path)" row must really time the training path (else its ratio says nothing)."""
-    bench = _load()
-    import torch
-
-    from peft_hydra.layer import HydraLoraLayer
-
-    models = bench.make_models("tiny", torch.float32, "cpu", False, [bench.HYDRA, "HydraLoRA (training path)"])
-    flags = {name: {m.inference_path for m in model.modules() if isinstance(m, HydraLoraLayer)}
-             for name, model in models.items()}  # fmt: skip
-    assert flags == {bench.HYDRA: {True}, "HydraLoRA (training path)": {False}}

@@ -1,4 +1,4 @@
-"""Support for every peft in the range (src/peft_hydra/_compat.py): frozen adapters stay frozen on half-precision
+"""Support for every peft in the range (src/peft_hydra/standalone/compat.py): frozen adapters stay frozen on half-precision
 bases, one adapter's tensors per saved file, the strict check on PEFT's load path only, the feature checks and the
 forward-compatibility warning. CI runs this module on the oldest and the newest supported peft (`make test-matrix`)."""
 
@@ -16,7 +16,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from conftest import hydra, logits  # noqa: E402
-from peft_hydra import _compat
+from peft_hydra.standalone import compat as _compat
 
 
 
@@ -28,12 +28,12 @@ def trainable(model) -> list[str]:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_adapter_loaded_for_inference_is_frozen_on_half_precision_base(dtype, tmp_path, tiny_llama):
     model = get_peft_model(tiny_llama().to(dtype), hydra(r=4, num_experts=3))
-    assert model.base_model.model.model.layers[0].self_attn.q_proj.hydra_B["default"].dtype == torch.float32  # upcast
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.hydra_B["default"].weight.dtype == torch.float32  # upcast
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_llama().to(dtype), tmp_path)  # is_trainable=False
     assert trainable(loaded) == []
     # the adapter weights were upcast all the same (PEFT's autocast_adapter_dtype)
-    assert loaded.base_model.model.model.layers[0].self_attn.q_proj.hydra_B["default"].dtype == torch.float32
+    assert loaded.base_model.model.model.layers[0].self_attn.q_proj.hydra_B["default"].weight.dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -66,9 +66,9 @@ def test_each_saved_file_holds_only_its_adapter(tmp_path, tiny_llama, input_ids)
     model.save_pretrained(tmp_path)
     files = {name: load_file(tmp_path / sub / "adapter_model.safetensors") for name, sub in
              (("default", "."), ("other", "other"))}  # fmt: skip
-    assert len(files["default"]) == len(files["other"]) == 3 * 7 * 2  # A, B, router of 7 linears x 2 layers
-    key = "base_model.model.model.layers.0.self_attn.q_proj.hydra_B"
-    assert tuple(files["default"][key].shape)[1:] == (3, 4) and tuple(files["other"][key].shape)[1:] == (2, 2)
+    assert len(files["default"]) == len(files["other"]) == 2 * 7 * 2  # A (+ router rows), B of 7 linears x 2 layers
+    key = "base_model.model.model.layers.0.self_attn.q_proj.hydra_B.weight"
+    assert files["default"][key].shape[1] == 3 * 4 and files["other"][key].shape[1] == 2 * 2
     assert not any(".other" in k or ".default" in k for f in files.values() for k in f)
     for name, sub in (("default", "."), ("other", "other")):
         model.set_adapter(name)
@@ -128,8 +128,8 @@ def test_newer_untried_peft_warns_once_and_works():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             import peft_hydra
-            import peft_hydra.bnb, peft_hydra.export, peft_hydra.hub
-        ours = [w for w in caught if issubclass(w.category, peft_hydra._compat.UntestedPeftVersionWarning)]
+            import peft_hydra.bnb, peft_hydra.export, peft_hydra.standalone.card
+        ours = [w for w in caught if issubclass(w.category, peft_hydra.standalone.compat.UntestedPeftVersionWarning)]
         assert len(ours) == 1, [str(w.message) for w in caught]
         assert "0.99.0" in str(ours[0].message) and "untried" in str(ours[0].message)
         model = torch.nn.Sequential(torch.nn.Linear(8, 8))
@@ -148,7 +148,7 @@ def test_tested_peft_does_not_warn():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             import peft_hydra
-        print(sum(issubclass(w.category, peft_hydra._compat.UntestedPeftVersionWarning) for w in caught))
+        print(sum(issubclass(w.category, peft_hydra.standalone.compat.UntestedPeftVersionWarning) for w in caught))
         """
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -194,7 +194,7 @@ def test_fallback_used_when_peft_lacks_the_private_helper():
         import peft_hydra
         if native is not None:
             t._get_tuner_state_dict_key_prefixes = native  # PEFT's own code needs it back
-        assert peft_hydra._compat.tuner_state_dict_key_prefixes is peft_hydra._compat._tuner_state_dict_key_prefixes_fallback
+        assert peft_hydra.standalone.compat._get_tuner_state_dict_key_prefixes is peft_hydra.standalone.compat._tuner_state_dict_key_prefixes_fallback
         base = lambda: torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
         model = peft.get_peft_model(base(), peft_hydra.HydraLoraConfig(target_modules=["0", "1"], r=2, num_experts=2))
         d = tempfile.mkdtemp()

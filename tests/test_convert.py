@@ -117,8 +117,12 @@ def test_converted_checkpoint_reproduces_the_authors_forward(tmp_path, input_ids
     assert config.base_model_name_or_path == "tiny" and config.task_type == "CAUSAL_LM"
     saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
     key = "base_model.model.model.layers.1.mlp.down_proj."
-    assert saved[key + "hydra_B"].shape == (32, 3, 4)  # (out, N, r)
-    torch.testing.assert_close(saved[key + "hydra_B"][:, 2], theirs.model.layers[1].mlp.down_proj.lora_B2.weight)
+    theirs_layer = theirs.model.layers[1].mlp.down_proj
+    assert saved[key + "hydra_B.weight"].shape == (32, 3 * 4)  # (out, N*r): the heads side by side
+    torch.testing.assert_close(saved[key + "hydra_B.weight"][:, 8:12], theirs_layer.lora_B2.weight)
+    assert saved[key + "hydra_A.weight"].shape == (4 + 3, 48)  # A's rows, then the router's
+    torch.testing.assert_close(saved[key + "hydra_A.weight"][4:], theirs_layer.lora_route.weight)
+    assert not any("hydra_router" in k for k in saved)
 
     ours = PeftModel.from_pretrained(make_tiny_llama(), tmp_path / "ours")
     assert isinstance(ours.peft_config["default"], HydraLoraConfig)
@@ -301,8 +305,8 @@ def test_paper_preset_on_a_model_matches_the_authors_layout(tmp_path):
     layers = {n.rsplit(".", 1)[-1]: m for n, m in model.named_modules() if isinstance(m, HydraLoraLayer)}
     assert set(layers) == set(MLP)  # MLP only, no attention projections
     layer = layers["up_proj"]
-    assert layer.scaling["default"] == 8 and layer.hydra_B["default"].shape == (48, 4, 4)
-    assert layer.hydra_router["default"].weight.shape == (4, 32)
+    assert layer.scaling["default"] == 8 and layer.hydra_B["default"].weight.shape == (48, 4 * 4)
+    assert layer.hydra_A["default"].weight.shape == (4 + 4, 32)  # A's r rows, then the router's N rows
     # a checkpoint of their recipe converts to the same configuration
     save_authors(authors_model(lora_nums=4), tmp_path / "theirs", lora_nums=4)
     converted = convert_official_checkpoint(tmp_path / "theirs", tmp_path / "ours")

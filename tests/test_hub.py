@@ -14,7 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import peft_hydra
 from peft_hydra import HydraLoraConfig
-from peft_hydra import hub as hydra_hub
+from peft_hydra.standalone import card as hydra_hub
 
 
 def _hydra(tiny_llama, name="acme/tiny-llama"):
@@ -33,12 +33,15 @@ def _snippet_code(card_text: str) -> str:
     return block.split("```python\n", 1)[1].split("```", 1)[0]
 
 
-def test_save_pretrained_writes_peft_card_with_tags_and_snippet(tiny_llama, tmp_path):
+def test_save_pretrained_writes_peft_card_with_tags_and_write_model_card_adds_the_snippet(tiny_llama, tmp_path):
     model = _hydra(tiny_llama)
     model.save_pretrained(tmp_path)
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.library_name == "peft"
-    assert {"hydralora", "peft-hydra", "transformers"} <= set(card.data.tags)
+    assert {"hydralora", "peft-hydra", "transformers"} <= set(card.data.tags)  # add_model_tags: PEFT's own writer
+    assert hydra_hub._BEGIN not in card.text  # PEFT has no hook for card text: the snippet needs one call
+    peft_hydra.write_model_card(model, tmp_path)
+    card = ModelCard.load(tmp_path / "README.md")
     assert "base_model:adapter:acme/tiny-llama" in card.data.tags  # PEFT's own tags are kept
     assert card.data.base_model == "acme/tiny-llama"
     code = _snippet_code(card.text)
@@ -46,8 +49,9 @@ def test_save_pretrained_writes_peft_card_with_tags_and_snippet(tiny_llama, tmp_
     assert "AutoPeftModelForCausalLM.from_pretrained" in code
     assert "- PEFT " in card.text  # PEFT's framework-versions block is still there
 
-    # Saving again (e.g. every checkpoint) updates the card in place: one snippet, no duplicated tags.
+    # Saving again (e.g. every checkpoint) and writing the card again: one snippet, no duplicated tags.
     model.save_pretrained(tmp_path)
+    peft_hydra.write_model_card(model, tmp_path)
     text = (tmp_path / "README.md").read_text()
     assert text.count(hydra_hub._BEGIN) == 1
     assert sorted(ModelCard.load(tmp_path / "README.md").data.tags) == sorted(card.data.tags)
@@ -62,9 +66,9 @@ def test_card_of_other_peft_methods_is_untouched(tiny_llama, tmp_path):
     assert hydra_hub._BEGIN not in card.text
 
 
-def test_import_changes_no_peft_class_and_leaves_no_global_hook(tiny_llama):
-    """`import peft_hydra` patches nothing: PeftModel keeps PEFT's / transformers' methods; the HydraLoRA card methods
-    live on the HydraLoRA PeftModel instance only, and the one-shot registration hook is gone afterwards."""
+def test_nothing_of_peft_or_transformers_is_patched(tiny_llama):
+    """`import peft_hydra` and a HydraLoRA model patch nothing: PeftModel keeps PEFT's / transformers' methods, the
+    HydraLoRA PeftModel instance has none of its own, and no global module hook is installed."""
     from torch.nn.modules import module as torch_module
     from transformers.utils import PushToHubMixin
 
@@ -72,17 +76,10 @@ def test_import_changes_no_peft_class_and_leaves_no_global_hook(tiny_llama):
     assert PeftModel.push_to_hub is PushToHubMixin.push_to_hub
     hooks_before = len(torch_module._global_module_registration_hooks)
     hydra = _hydra(tiny_llama)
-    lora = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
-    assert "push_to_hub" in vars(hydra) and "create_or_update_model_card" in vars(hydra)
-    assert "push_to_hub" not in vars(lora) and "create_or_update_model_card" not in vars(lora)
-    # A tuner created without a PeftModel (PEFT's low-level API) does not leave its hook behind either.
-    peft_hydra.HydraLoraModel(tiny_llama(), HydraLoraConfig(r=2, target_modules=["q_proj"]), "default")
-    torch.nn.Sequential().add_module("x", torch.nn.Linear(1, 1))
+    assert "push_to_hub" not in vars(hydra) and "create_or_update_model_card" not in vars(hydra)
+    assert type(hydra).push_to_hub is PushToHubMixin.push_to_hub
     assert len(torch_module._global_module_registration_hooks) == hooks_before
-    import copy
-
-    clone = copy.deepcopy(hydra)  # the instance methods follow the copy
-    assert clone.push_to_hub.__self__ is clone
+    assert "hydralora" in hydra.get_base_model().model_tags  # transformers' own tag mechanism
 
 
 def test_card_snippet_without_task_type_names_the_trained_class_and_runs_as_written(tiny_llama, input_ids, tmp_path):
@@ -95,6 +92,7 @@ def test_card_snippet_without_task_type_names_the_trained_class_and_runs_as_writ
     base = LlamaForCausalLM.from_pretrained(tmp_path / "base")
     model = get_peft_model(base, HydraLoraConfig(r=2, num_experts=2, target_modules=["q_proj", "v_proj"], init_weights=False))
     model.save_pretrained(tmp_path / "adapter")
+    peft_hydra.write_model_card(model, tmp_path / "adapter")
     code = _snippet_code((tmp_path / "adapter" / "README.md").read_text())
     assert "from transformers import LlamaForCausalLM" in code and "AutoModel" not in code
     with torch.no_grad():
@@ -127,6 +125,7 @@ def _write_snapshot(cache, repo_id, folder, commit="a" * 40):
 def test_load_by_repo_id_from_offline_cache(tiny_llama, input_ids, tmp_path):
     model = _hydra(tiny_llama).eval()
     model.save_pretrained(tmp_path / "adapter")
+    peft_hydra.write_model_card(model, tmp_path / "adapter")
     base = tiny_llama()
     base.save_pretrained(tmp_path / "base")
     cache = tmp_path / "hf" / "hub"
@@ -157,7 +156,7 @@ def test_load_by_repo_id_from_offline_cache(tiny_llama, input_ids, tmp_path):
     }
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "LOADED HydraLoraModel" in out.stdout
+    assert "LOADED StandaloneHydraLoraModel" in out.stdout
 
 
 class FakeHub:
@@ -201,7 +200,7 @@ class FakeHub:
 def test_push_to_hub_new_repo_keeps_the_peft_card(tiny_llama, tmp_path, monkeypatch):
     hub = FakeHub().install(monkeypatch, tmp_path)
     model = _hydra(tiny_llama)
-    result = model.push_to_hub("acme/my-hydra", tags=["my-tag"], token="hf_fake")
+    result = peft_hydra.push_to_hub(model, "acme/my-hydra", tags=["my-tag"], token="hf_fake")
     assert result == "commit-info"
     assert hub.calls[0] == "create_repo" and hub.calls[-1] == "upload_folder"
     assert hub.upload_kwargs["token"] == "hf_fake" and hub.upload_kwargs["create_pr"] is False
@@ -218,7 +217,7 @@ def test_push_to_hub_new_repo_keeps_the_peft_card(tiny_llama, tmp_path, monkeypa
 def test_push_to_hub_existing_repo_keeps_hand_written_text(tiny_llama, tmp_path, monkeypatch):
     remote = "---\nlicense: mit\ntags:\n- mine\n---\n# My adapter\n\nHand-written notes.\n"
     hub = FakeHub(remote_card=remote).install(monkeypatch, tmp_path)
-    _hydra(tiny_llama).push_to_hub("acme/my-hydra")
+    peft_hydra.push_to_hub(_hydra(tiny_llama), "acme/my-hydra")
     readme = tmp_path / "pushed.md"
     readme.write_bytes(hub.uploads["README.md"])
     card = ModelCard.load(readme)
@@ -228,7 +227,8 @@ def test_push_to_hub_existing_repo_keeps_hand_written_text(tiny_llama, tmp_path,
 
 
 def test_push_to_hub_of_other_peft_methods_is_transformers_own(tiny_llama, monkeypatch):
-    """A LoRA model's push_to_hub is transformers' (PushToHubMixin), untouched by peft_hydra."""
+    """A LoRA model's push_to_hub is transformers' (PushToHubMixin), untouched by peft_hydra (a HydraLoRA model's too:
+    peft_hydra.push_to_hub is a function of its own)."""
     from transformers.utils import PushToHubMixin
 
     seen = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from contextlib import nullcontext
 
 import pytest
@@ -33,6 +34,19 @@ def hydra_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, HydraLoraLayer)}
 
 
+def router_weight(layer, adapter="default"):
+    """The router's (N, d) weight: the last N rows of hydra_A with the router on x, the router's own with 'a'."""
+    router = layer.hydra_router[adapter]
+    return router.weight if router.weight is not None else layer.hydra_A[adapter].weight[layer._a_rows(adapter) :]
+
+
+def router_grad(layer, adapter="default"):
+    router = layer.hydra_router[adapter]
+    if router.weight is not None:
+        return router.weight.grad
+    return layer.hydra_A[adapter].weight.grad[layer._a_rows(adapter) :]
+
+
 def expected_trainable(r, n, router=True, share_a=True, router_input="x"):
     total = 0
     for d_in, d_out in LLAMA_SHAPES.values():
@@ -53,8 +67,9 @@ def test_trainable_parameters_have_prefix_and_are_counted(tiny_llama, capsys, kw
     model = get_peft_model(tiny_llama(), hydra(**kw))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".hydra_" in n for n in trainable)
-    routers = [n for n in trainable if ".hydra_router." in n]
-    assert len(routers) == 7 * N_LAYERS
+    routers = [n for n in trainable if ".hydra_router." in n]  # a router on x is the last N rows of hydra_A
+    assert len(routers) == (7 * N_LAYERS if kw.get("router_input") == "a" else 0)
+    assert len(trainable) == 7 * N_LAYERS * (3 if kw.get("router_input") == "a" else 2)  # LoRA's two tensors on x
     expected = expected_trainable(kw["r"], kw["num_experts"], share_a=kw.get("share_a", True),
                                   router_input=kw.get("router_input", "x"))  # fmt: skip
     n_trainable, n_all = model.get_nb_trainable_parameters()
@@ -87,7 +102,7 @@ def copy_into_lora(hydra_model, lora_model):
         lora_layer = lora_modules[name]
         with torch.no_grad():
             lora_layer.lora_A["default"].weight.copy_(layer.hydra_A["default"].weight)
-            lora_layer.lora_B["default"].weight.copy_(layer.hydra_B["default"][:, 0, :])
+            lora_layer.lora_B["default"].weight.copy_(layer.hydra_B["default"].weight)
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
@@ -115,9 +130,9 @@ def test_gradients_reach_a_every_head_and_router(tiny_llama, input_ids):
     model(input_ids=input_ids, labels=input_ids).loss.backward()
     for name, layer in hydra_layers(model).items():
         assert layer.hydra_A["default"].weight.grad.abs().sum() > 0, name
-        gB = layer.hydra_B["default"].grad
-        assert all(gB[:, i].abs().sum() > 0 for i in range(3)), name
-        assert layer.hydra_router["default"].weight.grad.abs().sum() > 0, name
+        gB = layer.hydra_B["default"].weight.grad
+        assert all(gB[:, 4 * i : 4 * (i + 1)].abs().sum() > 0 for i in range(3)), name
+        assert router_grad(layer).abs().sum() > 0, name
 
 
 def test_gradients_after_a_step_from_zero_b(tiny_llama, input_ids):
@@ -126,13 +141,13 @@ def test_gradients_after_a_step_from_zero_b(tiny_llama, input_ids):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     model(input_ids=input_ids, labels=input_ids).loss.backward()
     layer = hydra_layers(model)["base_model.model.model.layers.0.self_attn.q_proj"]
-    assert layer.hydra_A["default"].weight.grad.abs().sum() == 0  # as LoRA's A on step 1
-    assert layer.hydra_B["default"].grad.abs().sum() > 0
+    assert layer.hydra_A["default"].weight.grad.abs().sum() == 0  # as LoRA's A (and the router rows) on step 1
+    assert layer.hydra_B["default"].weight.grad.abs().sum() > 0
     opt.step()
     opt.zero_grad()
     model(input_ids=input_ids, labels=input_ids).loss.backward()
-    assert layer.hydra_A["default"].weight.grad.abs().sum() > 0
-    assert layer.hydra_router["default"].weight.grad.abs().sum() > 0
+    assert layer.hydra_A["default"].weight.grad[:4].abs().sum() > 0
+    assert router_grad(layer).abs().sum() > 0
 
 
 def test_init_weights_true_is_identity(tiny_llama, input_ids):
@@ -162,7 +177,7 @@ def test_two_adapters_add_set_delete(tiny_llama, input_ids):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".two" in n for n in trainable)
     layer = next(iter(hydra_layers(model).values()))
-    assert layer.hydra_B["default"].shape[1:] == (3, 4) and layer.hydra_B["two"].shape[1:] == (2, 2)
+    assert layer.hydra_B["default"].weight.shape[1] == 3 * 4 and layer.hydra_B["two"].weight.shape[1] == 2 * 2
     model.set_adapter("default")
     torch.testing.assert_close(logits(model, input_ids), out_default)
     model.delete_adapter("two")
@@ -201,7 +216,7 @@ def test_gradient_checkpointing_trains(tiny_llama, input_ids):
     loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert any(".hydra_router." in n and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if p.requires_grad)
+    assert all(router_grad(layer).abs().sum() > 0 for layer in hydra_layers(model).values())
 
 
 def test_generate(tiny_llama, input_ids):
@@ -216,13 +231,13 @@ def test_bf16_base_fp32_adapter(tiny_llama, input_ids):
     model = get_peft_model(tiny_llama().to(torch.bfloat16), hydra(r=4, num_experts=3, init_weights=False))
     layer = next(iter(hydra_layers(model).values()))
     assert layer.hydra_A["default"].weight.dtype == torch.float32  # autocast_adapter_dtype=True (default)
-    assert layer.hydra_B["default"].dtype == torch.float32
+    assert layer.hydra_B["default"].weight.dtype == torch.float32
     assert layer.get_base_layer().weight.dtype == torch.bfloat16
     out = logits(model, input_ids)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     model.train()
     model(input_ids=input_ids, labels=input_ids).loss.backward()
-    assert layer.hydra_router["default"].weight.grad.dtype == torch.float32
+    assert router_grad(layer).dtype == torch.float32 and router_grad(layer).abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------------------------- merging
@@ -261,7 +276,11 @@ def test_merge_with_given_gates_equals_fixed_gate_model(tiny_llama, input_ids):
     g = [0.2, 0.5, 0.3]
     model = get_peft_model(tiny_llama(), hydra(r=4, num_experts=3, init_weights=False))
     fixed = get_peft_model(tiny_llama(), hydra(r=4, num_experts=3, fixed_gates=g))
-    fixed.load_state_dict(model.state_dict(), strict=False)  # same A and B; fixed has no router
+    fixed_layers = hydra_layers(fixed)
+    with torch.no_grad():  # same A and B; fixed has no router
+        for name, layer in hydra_layers(model).items():
+            fixed_layers[name].hydra_A["default"].weight.copy_(layer.hydra_A["default"].weight[:4])
+            fixed_layers[name].hydra_B["default"].weight.copy_(layer.hydra_B["default"].weight)
     want = logits(fixed, input_ids)
     assert not torch.allclose(logits(model, input_ids), want, atol=1e-4)  # the router does route differently
     merged = model.merge_and_unload(gates=g)
@@ -333,21 +352,64 @@ def test_no_matching_target_modules(tiny_llama):
 
 
 # ------------------------------------------------------------------------------ aux loss / router stats
-def test_hydra_aux_loss(tiny_llama, input_ids):
+def lm_loss(out, ids):
+    return torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+def test_balance_loss_joins_the_model_loss_in_training(tiny_llama, input_ids):
     model = get_peft_model(tiny_llama(), hydra(r=4, num_experts=3, init_weights=False, router_aux_loss_coef=0.1))
     model.train()
     out = model(input_ids=input_ids, labels=input_ids)
     aux = model.base_model.hydra_aux_loss()
-    assert aux.ndim == 0 and aux.item() > 0
-    assert aux.item() >= 0.1 * (1 - 1e-6)  # the balance loss is >= 1 (N sum f_i P_i with argmax f)
-    routers = [p for n, p in model.named_parameters() if ".hydra_router." in n]
-    grads = torch.autograd.grad(aux, routers, retain_graph=True)
-    assert all(g.abs().sum() > 0 for g in grads)
-    (out.loss + aux).backward()
-    # coefficient 0: a zero loss
-    off = get_peft_model(tiny_llama(), hydra(r=4, num_experts=3, init_weights=False))
-    off(input_ids=input_ids)
+    assert aux.ndim == 0 and aux.item() >= 0.1 * (1 - 1e-6)  # the balance loss is >= 1 (N sum f_i P_i, argmax f)
+    torch.testing.assert_close(out.loss, lm_loss(out, input_ids) + aux)
+    torch.testing.assert_close(model.base_model.last_aux_loss, aux.detach())
+    layers = list(hydra_layers(model).values())
+    grads = torch.autograd.grad(aux, [layer.hydra_A["default"].weight for layer in layers], retain_graph=True)
+    assert all(g[4:].abs().sum() > 0 for g in grads)  # the router rows
+    out.loss.backward()
+    # not without labels, not in eval mode, not with the coefficient 0
+    assert torch.equal(model(input_ids=input_ids).logits, out.logits)
+    model.eval()
+    out_eval = model(input_ids=input_ids, labels=input_ids)
+    torch.testing.assert_close(out_eval.loss, lm_loss(out_eval, input_ids))
+    off = get_peft_model(tiny_llama(), hydra(r=4, num_experts=3, init_weights=False)).train()
+    out = off(input_ids=input_ids, labels=input_ids)
+    torch.testing.assert_close(out.loss, lm_loss(out, input_ids))
     assert off.base_model.hydra_aux_loss().item() == 0
+
+
+def test_balance_loss_with_a_peft_model_without_task_type(tiny_llama, input_ids):
+    # PeftModel (task_type=None) calls the wrapped model directly, not the tuner's forward
+    config = hydra(r=4, num_experts=3, init_weights=False, router_aux_loss_coef=0.1)
+    assert config.task_type is None
+    model = get_peft_model(tiny_llama(), config).train()
+    out = model(input_ids=input_ids, labels=input_ids)
+    torch.testing.assert_close(out.loss, lm_loss(out, input_ids) + model.base_model.hydra_aux_loss())
+
+
+def test_balance_loss_share_with_token_normalised_gradient_accumulation(tiny_llama, input_ids):
+    # with num_items_in_batch the LM loss is the sum over this micro-batch's tokens / the accumulated batch's tokens:
+    # the balance term gets the same share, so that accumulated micro-batches add up to one coefficient
+    model = get_peft_model(tiny_llama(), hydra(r=4, num_experts=3, init_weights=False, router_aux_loss_coef=0.1,
+                                               task_type="CAUSAL_LM")).train()  # fmt: skip
+    tokens = input_ids[:, 1:].numel()
+    out = model(input_ids=input_ids, labels=input_ids, num_items_in_batch=torch.tensor(4 * tokens))
+    aux = model.base_model.hydra_aux_loss()
+    lm = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten(), reduction="sum")
+    torch.testing.assert_close(out.loss, lm / (4 * tokens) + aux / 4)
+
+
+def test_balance_loss_warmup_follows_aux_loss_step(tiny_llama, input_ids):
+    model = get_peft_model(tiny_llama(), hydra(r=4, num_experts=3, init_weights=False, router_aux_loss_coef=0.1,
+                                               router_aux_loss_warmup_steps=10)).train()  # fmt: skip
+    with pytest.raises(ValueError, match="aux_loss_step"):
+        model(input_ids=input_ids, labels=input_ids)
+    model.base_model.aux_loss_step = 5
+    out = model(input_ids=input_ids, labels=input_ids)
+    full = model.base_model.hydra_aux_loss(step=10)
+    torch.testing.assert_close(model.base_model.last_aux_loss, full.detach() / 2)
+    torch.testing.assert_close(out.loss, lm_loss(out, input_ids) + full / 2)
 
 
 def test_router_stats(tiny_llama, input_ids):
@@ -406,21 +468,23 @@ def test_aux_loss_coefficient_set_after_creation_is_refused(tiny_llama, input_id
 
 @pytest.mark.parametrize("top_k", [None, 2])
 def test_batched_aux_loss_equals_mean_of_per_layer_losses(tiny_llama, input_ids, top_k):
-    # q/k/v/o/gate/up/down have different widths but the same token count: one batch; mixed shapes still work
+    from peft_hydra import functional as HF
+
     model = get_peft_model(tiny_llama(), hydra(r=4, num_experts=3, init_weights=False, top_k=top_k,
                                                router_aux_loss_coef=0.5))  # fmt: skip
     model.train()
+    seen = []  # every router's (probs, gates), from hooks of the test's own
+    handles = [m.hydra_router["default"].register_forward_hook(
+        lambda mod, args, gates: seen.append((mod.probs(args[0], gates), gates))) for m in hydra_layers(model).values()]
     model(input_ids=input_ids)
-    layers = [m for _, m in model.base_model._hydra_layers()]
-    want = 0.5 * torch.stack([m.aux_loss("default") for m in layers]).mean()
+    for h in handles:
+        h.remove()
+    want = 0.5 * torch.stack([HF.load_balancing_loss(p.reshape(-1, 3), g.reshape(-1, 3), top_k) for p, g in seen]).mean()
     got = model.base_model.hydra_aux_loss()
     torch.testing.assert_close(got, want)
-    routers = [p for n, p in model.named_parameters() if ".hydra_router." in n]
-    for g1, g2 in zip(torch.autograd.grad(got, routers, retain_graph=True), torch.autograd.grad(want, routers)):
+    weights = [m.hydra_A["default"].weight for m in hydra_layers(model).values()]
+    for g1, g2 in zip(torch.autograd.grad(got, weights, retain_graph=True), torch.autograd.grad(want, weights)):
         torch.testing.assert_close(g1, g2)
-    layers[0](torch.randn(5, layers[0].in_features))  # one layer's last forward now has another token count
-    want = 0.5 * torch.stack([m.aux_loss("default") for m in layers]).mean()
-    torch.testing.assert_close(model.base_model.hydra_aux_loss(), want)
 
 
 def test_deepcopy_and_state_dict_roundtrip(tiny_llama, input_ids):
@@ -429,15 +493,55 @@ def test_deepcopy_and_state_dict_roundtrip(tiny_llama, input_ids):
     torch.testing.assert_close(logits(clone, input_ids), logits(model, input_ids))
 
 
-def test_aux_loss_with_gradient_checkpointing(tiny_llama, input_ids):
-    base = tiny_llama()
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(base, hydra(r=4, num_experts=3, init_weights=False, router_aux_loss_coef=0.01))
-    model.train()
-    loss = model(input_ids=input_ids, labels=input_ids).loss + model.base_model.hydra_aux_loss()
-    loss.backward()
-    routers = [p for n, p in model.named_parameters() if ".hydra_router." in n]
-    assert routers and all(p.grad is not None and torch.isfinite(p.grad).all() for p in routers)
+def checkpointed(make, use_reentrant):
+    base = make()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    return base
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_balance_loss_counted_once_with_gradient_checkpointing(tiny_llama, input_ids, top_k):
+    # the recompute inside backward() runs the routers again: the balance loss and its gradient must be those of the
+    # forward, exactly as without checkpointing (and the recompute must save what the forward saved: top-k's probs)
+    config = dict(r=4, num_experts=3, init_weights=False, router_aux_loss_coef=0.5, top_k=top_k)
+    grads = {}
+    for ckpt in (False, True):
+        base = checkpointed(tiny_llama, False) if ckpt else tiny_llama()
+        model = get_peft_model(base, hydra(**config)).train()
+        torch.manual_seed(0)
+        out = model(input_ids=input_ids, labels=input_ids)
+        out.loss.backward()
+        grads[ckpt] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        torch.testing.assert_close(out.loss, lm_loss(out, input_ids) + model.base_model.hydra_aux_loss())
+    assert grads[True].keys() == grads[False].keys()
+    for name in grads[True]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-5, atol=1e-7)
+
+
+def test_a_balance_loss_nobody_uses_is_warned_about_once(tiny_llama, input_ids):
+    model = get_peft_model(tiny_llama(), hydra(r=4, num_experts=3, router_aux_loss_coef=0.1, init_weights=False)).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for _ in range(2):  # a loop that adds the term itself: fine
+            out = model(input_ids=input_ids)
+            (lm_loss(out, input_ids) + model.base_model.hydra_aux_loss()).backward()
+    with pytest.warns(UserWarning, match="balance loss .* was not used") as caught:
+        for _ in range(3):  # a loop that forgets it
+            lm_loss(model(input_ids=input_ids), input_ids).backward()
+    assert sum("was not used" in str(w.message) for w in caught) == 1
+
+
+def test_reentrant_gradient_checkpointing_warns_once_that_the_balance_loss_has_no_gradient(tiny_llama, input_ids):
+    model = get_peft_model(checkpointed(tiny_llama, True), hydra(r=4, num_experts=3, router_aux_loss_coef=0.1,
+                                                                 init_weights=False)).train()  # fmt: skip
+    with pytest.warns(UserWarning, match=r"use_reentrant.*False") as caught:
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+    assert sum("balance loss" in str(w.message) for w in caught) == 1
+    plain = get_peft_model(checkpointed(tiny_llama, True), hydra(r=4, num_experts=3, init_weights=False)).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no balance loss: nothing to warn about
+        plain(input_ids=input_ids, labels=input_ids)
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
@@ -459,3 +563,20 @@ def test_router_outputs_of_an_unknown_adapter_raise(tiny_llama, input_ids):
     for call in (model.base_model.router_stats, model.base_model.hydra_aux_loss):
         with pytest.raises(ValueError, match=r"Unknown adapter 'typo'.*default"):
             call("typo")
+
+
+def test_parts_of_the_model_run_directly_need_the_observation_window(tiny_llama, input_ids):
+    # e.g. a harness that runs the decoder (or single decoder layers) itself, not the model's forward
+    model = get_peft_model(tiny_llama(), hydra(r=4, num_experts=3, init_weights=False, router_aux_loss_coef=0.5)).train()
+    decoder = model.base_model.model.model
+    decoder(input_ids=input_ids)
+    with pytest.raises(ValueError, match="observation_window"):
+        model.base_model.hydra_aux_loss()
+    with model.base_model.observation_window():
+        decoder(input_ids=input_ids)
+    aux = model.base_model.hydra_aux_loss()
+    assert aux.item() >= 0.5 * (1 - 1e-6) and aux.requires_grad
+    model.base_model.reset_router_stats()
+    with torch.no_grad(), model.base_model.observation_window():
+        decoder(input_ids=input_ids)
+    assert {s["tokens"] for s in model.base_model.router_stats()["layers"].values()} == {input_ids.numel()}

@@ -2,7 +2,7 @@
 
 The ``peft`` sdist of the installed version ships its test suite. It is fetched once with
 ``pip download --no-deps --no-binary :all: peft==<version>`` into ``~/.cache/peft-hydra/`` (``$PEFT_HYDRA_CACHE``
-overrides it; reused when present), extracted, given a ``tests/__init__.py`` and put on ``sys.path``. We import the
+overrides it; ``make setup`` fetches it, a test run reuses it; with ``CI=true`` a missing sdist fails the test), extracted, given a ``tests/__init__.py`` and put on ``sys.path``. We import the
 module and call the methods of its ``TestPeftCustomModel`` class ourselves: importing its ``Test*`` classes here would
 make pytest collect all ~18k PEFT tests.
 
@@ -103,7 +103,10 @@ def fetch_peft_tests() -> Path:
                    f"peft=={version}", "-d", str(CACHE)]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if proc.returncode != 0 or not sdist.exists():
-                pytest.skip(f"cannot download the peft {version} sdist (needs PyPI): {proc.stderr.strip()[-500:]}")
+                message = f"cannot download the peft {version} sdist (needs PyPI): {proc.stderr.strip()[-500:]}"
+                if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+                    pytest.fail(f"{message}; `make setup` fetches it into {CACHE}")  # CI must run PEFT's tests
+                pytest.skip(message)
         # extract next to the cache and rename, so that a concurrent run never sees a half-extracted folder
         tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=".extract-"))
         with tarfile.open(sdist) as tar:

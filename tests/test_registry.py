@@ -1,7 +1,7 @@
-"""Registration of HYDRALORA with PEFT (src/peft_hydra/_registry.py).
+"""Registration of HYDRALORA with PEFT (src/peft_hydra/standalone/registry.py).
 
 ``add_str_enum_member`` pokes at ``enum`` internals, which changed between Python 3.10 and 3.13, so it is checked on
-a toy ``class E(str, Enum)`` under every pyenv interpreter present, in a subprocess that loads ``_registry.py`` by
+a toy ``class E(str, Enum)`` under every pyenv interpreter present, in a subprocess that loads ``registry.py`` by
 file path (it imports only ``enum`` at module level). The rest runs in-process against the real ``PeftType``.
 """
 
@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 import peft_hydra
-from peft_hydra import _registry
+from peft_hydra.standalone import registry as _registry
+from peft_hydra.standalone.tuner import StandaloneHydraLoraModel
 
 REGISTRY_FILE = Path(_registry.__file__).resolve()
 PYENV_VERSIONS = ["3.10.13", "3.11.7", "3.12.1", "3.13.0"]
@@ -126,7 +127,7 @@ def test_peft_mappings_point_to_our_classes():
     # PEFT looks these up with the plain string read from adapter_config.json as well as with the member
     for key in (PeftType.HYDRALORA, "HYDRALORA"):
         assert PEFT_TYPE_TO_CONFIG_MAPPING[key] is peft_hydra.HydraLoraConfig
-        assert PEFT_TYPE_TO_TUNER_MAPPING[key] is peft_hydra.HydraLoraModel
+        assert PEFT_TYPE_TO_TUNER_MAPPING[key] is StandaloneHydraLoraModel
         assert PEFT_TYPE_TO_PREFIX_MAPPING[key] == "hydra_"
     assert PeftType.HYDRALORA not in PEFT_TYPE_TO_MIXED_MODEL_MAPPING  # PeftMixedModel is not open to us
     # our prefix is used by nobody else
@@ -155,7 +156,7 @@ def test_import_twice_and_reload_register_once():
     peft_hydra._register()
     peft_hydra._register()
     assert len(PeftType) == n_members
-    assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.HYDRALORA] is peft_hydra.HydraLoraModel
+    assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.HYDRALORA] is StandaloneHydraLoraModel
 
 
 def test_reload_of_the_tuner_modules_follows_the_new_classes():
@@ -166,14 +167,16 @@ def test_reload_of_the_tuner_modules_follows_the_new_classes():
     code = textwrap.dedent(
         """
         import importlib
-        import peft_hydra, peft_hydra.config, peft_hydra.layer, peft_hydra.model
+        import peft_hydra
         from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
         old = peft_hydra.HydraLoraModel
-        for name in ("config", "layer", "model"):
-            importlib.reload(getattr(peft_hydra, name))
+        for name in ("config", "router", "layer", "model", "standalone.tuner"):
+            importlib.reload(importlib.import_module("peft_hydra." + name))
         importlib.reload(peft_hydra)
         assert peft_hydra.HydraLoraModel is not old
-        assert PEFT_TYPE_TO_TUNER_MAPPING["HYDRALORA"] is peft_hydra.HydraLoraModel
+        registered = PEFT_TYPE_TO_TUNER_MAPPING["HYDRALORA"]
+        assert registered is peft_hydra.standalone.tuner.StandaloneHydraLoraModel
+        assert issubclass(registered, peft_hydra.HydraLoraModel)
         assert PEFT_TYPE_TO_CONFIG_MAPPING["HYDRALORA"] is peft_hydra.HydraLoraConfig
         print("OK")
         """
@@ -199,4 +202,4 @@ def test_second_module_path_raises_clear_error():
             del sys.modules[name]
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
-    assert PEFT_TYPE_TO_TUNER_MAPPING["HYDRALORA"] is peft_hydra.HydraLoraModel
+    assert PEFT_TYPE_TO_TUNER_MAPPING["HYDRALORA"] is StandaloneHydraLoraModel

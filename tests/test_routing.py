@@ -29,12 +29,22 @@ def _ids(n=4, length=8, seed=0):
     return torch.randint(3, VOCAB, (n, length), generator=g)
 
 
+def _layers(model):
+    return [m for m in model.modules() if isinstance(m, peft_hydra.HydraLoraLayer)]
+
+
 def _routers(model):
-    return [p for n, p in model.named_parameters() if "hydra_router" in n]
+    """The routers' weights: the last N rows of every hydra_A (the router on x)."""
+    return [m.hydra_A["default"].weight[m._a_rows("default") :] for m in _layers(model)]
+
+
+def _router_grads(model):
+    return [m.hydra_A["default"].weight.grad[m._a_rows("default") :].clone() for m in _layers(model)]
 
 
 def _heads(model):
-    return [p for n, p in model.named_parameters() if "hydra_B" in n]
+    """Every layer's B heads as (out, N, r)."""
+    return [R.layer_heads(m, "default") for m in _layers(model)]
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -45,11 +55,11 @@ def _heads(model):
         (dict(head_init="centered", head_init_std=0.0), "head_init_std must be a finite number > 0"),
         (dict(head_init_std=float("nan")), "head_init_std"),
         (dict(head_init="centered", num_experts=1), "needs num_experts >= 2"),
-        (dict(head_init="orthogonal", init_weights=False), "conflicts with init_weights=False"),
+        (dict(head_init="orthogonal", init_weights=False), "init_weights=True"),
         (dict(router_init_std=-0.1), "router_init_std must be None"),
         (dict(router_init_std=True), "router_init_std must be None"),
-        (dict(router_init_std=0.01, fixed_gates="uniform"), "no learned router"),
-        (dict(router_init_std=0.01, num_experts=1), "no learned router"),
+        (dict(router_init_std=0.01, fixed_gates="uniform"), "router_init_std applies to a learned router"),
+        (dict(router_init_std=0.01, num_experts=1), "router_init_std applies to a learned router"),
         (dict(router_aux_loss_warmup_steps=-1, router_aux_loss_coef=0.001), "integer >= 0"),
         (dict(router_aux_loss_warmup_steps=1.5, router_aux_loss_coef=0.001), "integer >= 0"),
         (dict(router_aux_loss_warmup_steps=10), "set router_aux_loss_coef > 0"),
@@ -119,7 +129,7 @@ def test_aux_loss_warmup_coef():
 def _step(model, ids, opt=None):
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()
-    grads = [p.grad.clone() for p in _routers(model)]
+    grads = _router_grads(model)
     if opt is not None:
         opt.step()
         opt.zero_grad()
@@ -168,10 +178,10 @@ def test_nonzero_heads_keep_the_initial_output(tiny_llama, head_init):
     x = torch.randn(5, layer.in_features)
     with torch.no_grad():
         delta = layer(x) - layer.base_layer(x)
-        h = layer.hydra_A["default"](x)
-        B = layer.hydra_B["default"]
+        h, logits = layer.hydra_A["default"](x).split([4, 3], -1)  # A's rows, then the router's
+        B = R.layer_heads(layer, "default")
         heads_out = torch.einsum("onr,tr->tno", B, h)  # (T, N, out)
-        gates = torch.softmax(layer.hydra_router["default"](x), -1)
+        gates = torch.softmax(logits, -1)
         bound = layer.scaling["default"] * (gates - 1 / 3).abs().amax(-1, keepdim=True) * heads_out.abs().sum(1)
     assert delta.abs().max() > 0
     assert (delta.abs() <= bound + 1e-6).all()
@@ -197,7 +207,9 @@ def test_aux_loss_warm_up_ramps_the_coefficient(tiny_llama):
     coef, warm = 0.01, 10
     model = get_peft_model(tiny_llama(), _config(router_aux_loss_coef=coef, router_aux_loss_warmup_steps=warm))
     model.train()
-    model(input_ids=_ids())
+    with pytest.raises(ValueError, match="aux_loss_step"):  # a training forward with labels needs the step
+        model(input_ids=_ids(), labels=_ids())
+    model(input_ids=_ids())  # without labels: the loop computes its own loss and passes the step
     with pytest.raises(ValueError, match="step="):
         model.base_model.hydra_aux_loss()
     full = model.base_model.hydra_aux_loss(step=warm)
@@ -328,9 +340,9 @@ def test_routing_report_known_routers():
     model = get_peft_model(_Routed(n), config)
     batches = [torch.full((2, 5), c) for c in range(n) for _ in range(2)]
     labels = [f"task{c}" for c in range(n) for _ in range(2)]
-    router = model.base_model.model.lin.hydra_router["default"]
+    router = model.base_model.model.lin.hydra_A["default"].weight[2:]  # the router's rows under A's r=2
     with torch.no_grad():
-        router.weight.copy_(50 * torch.eye(n))  # category c -> head c
+        router.copy_(50 * torch.eye(n))  # category c -> head c
     model.train()
     report = peft_hydra.routing_report(model, batches, labels)
     assert model.training  # restored
@@ -347,7 +359,7 @@ def test_routing_report_known_routers():
     assert "| lin | 1.000 |" in text and "Dead heads (usage < 0.1/N): 0 of 3" in text
 
     with torch.no_grad():
-        router.weight.zero_()  # uniform gates
+        router.zero_()  # uniform gates
     layer = peft_hydra.routing_report(model, batches, labels)["layers"]["lin"]
     assert layer["mi_normalized"] == pytest.approx(0.0, abs=1e-9)
     assert layer["token_entropy"] == pytest.approx(1.0)
@@ -426,9 +438,92 @@ def test_prepare_trainer_ramps_the_balance_loss_with_the_global_step(tiny_llama,
     trainer = peft_hydra.prepare_trainer(_trainer(get_peft_model(tiny_llama(), config), tmp_path, steps=6))
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert "router_aux_loss" not in logs[0]  # computed at global_step 0: coefficient 0, no term
+    assert logs[0]["router_aux_loss"] == 0  # computed at global_step 0: coefficient 0
     aux = [h["router_aux_loss"] / coef for h in logs[1:]]  # the balance loss x min(1, step / warm), steps 1..5
     ramp = [min(1.0, step / warm) for step in range(1, 6)]
     balance = [a / w for a, w in zip(aux, ramp)]
     assert all(0.9 < b < 3.0 for b in balance), balance  # N * sum f_i P_i: 1 when balanced, at most N
     assert max(balance) / min(balance) < 1.2, balance  # the same loss, scaled by the ramp
+
+
+# ------------------------------------------------------------------------------ observing the routers
+class _One(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(10, 12)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _one(**kw):
+    return get_peft_model(_One(), HydraLoraConfig(target_modules=["proj"], r=2, num_experts=3, init_weights=False, **kw))
+
+
+def test_router_stats_equal_the_plain_per_token_statistics():
+    model = _one(top_k=2)
+    tuner, layer = model.base_model, model.base_model.model.proj
+    x1, x2 = torch.randn(4, 10), torch.randn(2, 3, 10)
+    tuner.reset_router_stats()
+    model(x1)
+    model(x2)
+    stats = tuner.router_stats()["layers"]["proj"]
+    with torch.no_grad():
+        logits = torch.cat([layer.hydra_A["default"](x.reshape(-1, 10))[:, 2:] for x in (x1, x2)])
+        probs = torch.softmax(logits, -1)
+        gates = HF.router_gates(logits, 2)
+    assert stats["tokens"] == 10
+    torch.testing.assert_close(torch.tensor(stats["mean_gate"]), gates.mean(0), rtol=1e-5, atol=1e-6)  # kept gates
+    assert stats["entropy"] == pytest.approx(float(torch.special.entr(probs).sum(-1).mean()), rel=1e-5)  # dense
+
+
+def test_a_forward_nobody_observes_runs_no_statistics_ops_and_no_hooks():
+    from torch.profiler import ProfilerActivity, profile
+
+    model = _one()
+    tuner = model.base_model
+    x = torch.randn(4, 10)
+
+    def ops():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(x)
+        return [e.name for e in prof.events() if e.name.startswith("aten::")]
+
+    assert tuner._hooks == []  # nothing asked: no hook on any router
+    off = ops()
+    tuner.reset_router_stats()
+    assert tuner._hooks
+    on = ops()
+    assert not any(name in off for name in ("aten::special_entr", "aten::cat", "aten::sum"))
+    assert "aten::special_entr" in on and len(on) > len(off)
+    tuner.stop_router_stats()
+    assert tuner._hooks == [] and ops() == off
+
+
+def test_router_log_keeps_every_forward_s_gates():
+    model = _one(top_k=1)
+    tuner = model.base_model
+    tuner.enable_router_logging()
+    with torch.no_grad():
+        model(torch.randn(4, 10))
+        model(torch.randn(2, 3, 10))
+    log = tuner.get_router_log()
+    assert [entry["proj"].shape for entry in log] == [(4, 3), (6, 3)]
+    assert all(((e["proj"] == 1).sum(-1) == 1).all() for e in log)  # top-1: one head per token, gate 1
+    tuner.disable_router_logging()
+    model(torch.randn(1, 10))
+    assert len(tuner.get_router_log()) == 2 and tuner._hooks == []  # kept, nothing added
+    tuner.clear_router_log()
+    assert tuner.get_router_log() == []
+
+
+def test_observation_hooks_follow_a_deep_copy():
+    import copy
+
+    model = _one()
+    model.base_model.reset_router_stats()
+    clone = copy.deepcopy(model)
+    clone(torch.randn(4, 10))
+    assert clone.base_model.router_stats()["layers"]["proj"]["tokens"] == 4
+    assert model.base_model.router_stats()["layers"] == {}  # the original saw nothing

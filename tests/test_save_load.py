@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,10 +34,12 @@ def test_saved_files_and_keys(saved):
     assert sorted(os.listdir(path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     keys = set(load_file(path / "adapter_model.safetensors"))
     prefix = "base_model.model.model.layers.0.self_attn.q_proj."
-    assert {prefix + "hydra_A.weight", prefix + "hydra_B", prefix + "hydra_router.weight"} <= keys
+    assert {prefix + "hydra_A.weight", prefix + "hydra_B.weight"} <= keys
     assert not any("default" in k for k in keys)  # adapter name stripped
     assert all(".hydra_" in k for k in keys)
-    assert len(keys) == 3 * 7 * 2  # A, B, router per targeted linear
+    assert len(keys) == 2 * 7 * 2  # per targeted linear: A with the router's rows, and B
+    tensors = load_file(path / "adapter_model.safetensors")
+    assert tensors[prefix + "hydra_A.weight"].shape == (4 + 3, 32) and tensors[prefix + "hydra_B.weight"].shape == (32, 12)
     config = json.loads((path / "adapter_config.json").read_text())
     assert config["peft_type"] == "HYDRALORA" and config["num_experts"] == 3 and config["top_k"] == 2
 
@@ -55,7 +58,7 @@ def test_reload_trainable(saved, input_ids, tiny_llama):
     loaded = PeftModel.from_pretrained(tiny_llama(), path, is_trainable=True)
     trainable = [n for n, p in loaded.named_parameters() if p.requires_grad]
     assert trainable and all(".hydra_" in n for n in trainable)
-    assert any(".hydra_router." in n for n in trainable)
+    assert any(".hydra_A." in n for n in trainable) and any(".hydra_B." in n for n in trainable)
     loaded.train()
     loaded(input_ids=input_ids, labels=input_ids).loss.backward()
 
@@ -84,36 +87,83 @@ def test_shape_mismatch_raises_clear_error(saved, tiny_llama):
         PeftModel.from_pretrained(tiny_llama(), path)
     msg = str(err.value)
     assert "does not match its config" in msg
-    assert "28 tensor(s) with another shape" in msg  # hydra_B and hydra_router of all 14 layers
-    assert re.search(r"hydra_B: shape \(\d+, 3, 4\) in the checkpoint, \(\d+, 2, 4\) from the config", msg)
+    assert "28 tensor(s) with another shape" in msg  # hydra_A (the router's rows) and hydra_B of all 14 layers
+    assert re.search(r"hydra_B\.weight: shape \(\d+, 12\) in the checkpoint, \(\d+, 8\) from the config", msg)
     assert "num_experts=2" in msg and "r=4" in msg
 
 
 def test_rank_mismatch_raises_clear_error(saved, tiny_llama):
     path, _ = saved
     edit_config(path, r=2)
-    with pytest.raises(ValueError, match=r"(?s)hydra_A\.weight: shape \(4, \d+\) in the checkpoint, \(2, \d+\).*r=2"):
+    with pytest.raises(ValueError, match=r"(?s)hydra_A\.weight: shape \(7, \d+\) in the checkpoint, \(5, \d+\).*r=2"):
         PeftModel.from_pretrained(tiny_llama(), path)
 
 
 def test_missing_tensor_raises_clear_error(saved, tiny_llama):
     path, _ = saved
     tensors = load_file(path / "adapter_model.safetensors")
-    key = "base_model.model.model.layers.1.mlp.down_proj.hydra_router.weight"
+    key = "base_model.model.model.layers.1.mlp.down_proj.hydra_B.weight"
     del tensors[key]
     save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError) as err:
         PeftModel.from_pretrained(tiny_llama(), path)
     msg = str(err.value)
-    assert "1 missing tensor(s)" in msg and "layers.1.mlp.down_proj.hydra_router" in msg
+    assert "1 missing tensor(s)" in msg and "layers.1.mlp.down_proj.hydra_B" in msg
     assert "num_experts=3" in msg
 
 
 def test_router_saved_without_router_in_config_raises(saved, tiny_llama):
     path, _ = saved
     edit_config(path, fixed_gates="uniform", top_k=None)
-    with pytest.raises(ValueError, match=r"(?s)unexpected tensor\(s\).*hydra_router.*fixed_gates='uniform'"):
+    with pytest.raises(ValueError, match=r"(?s)hydra_A\.weight: shape \(7, 32\) in the checkpoint, \(4, 32\).*fixed_gates='uniform'"):
         PeftModel.from_pretrained(tiny_llama(), path)
+
+
+def test_router_on_a_x_is_saved_as_its_own_tensor(tmp_path, tiny_llama, input_ids):
+    model = get_peft_model(tiny_llama(), hydra(r=4, num_experts=3, router_input="a"))
+    model.save_pretrained(tmp_path)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.hydra_router.weight"
+    assert load_file(tmp_path / "adapter_model.safetensors")[key].shape == (3, 4)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    torch.testing.assert_close(logits(loaded, input_ids), logits(model, input_ids), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- checkpoints of version 0.1
+FIXTURE = Path(__file__).parent / "fixtures" / "hydra_v0_1"
+
+
+def fixture_base():
+    from conftest import make_tiny_llama
+
+    base = make_tiny_llama(seed=0)
+    base.load_state_dict(load_file(FIXTURE / "base_model.safetensors"))
+    return base
+
+
+def test_a_checkpoint_of_version_0_1_loads_with_identical_outputs(tmp_path):
+    assert load_file(FIXTURE / "adapter_model.safetensors")[
+        "base_model.model.model.layers.0.self_attn.q_proj.hydra_B"].shape == (32, 3, 4)  # the old layout
+    expected = torch.load(FIXTURE / "expected.pt")
+    loaded = PeftModel.from_pretrained(fixture_base(), FIXTURE)
+    torch.testing.assert_close(logits(loaded, expected["input_ids"]), expected["logits"], rtol=1e-6, atol=1e-6)
+    # saved again: today's layout, same outputs
+    loaded.save_pretrained(tmp_path)
+    keys = load_file(tmp_path / "adapter_model.safetensors")
+    assert keys["base_model.model.model.layers.0.self_attn.q_proj.hydra_B.weight"].shape == (32, 12)
+    again = PeftModel.from_pretrained(fixture_base(), tmp_path)
+    torch.testing.assert_close(logits(again, expected["input_ids"]), expected["logits"], rtol=1e-6, atol=1e-6)
+
+
+def test_a_checkpoint_of_version_0_1_with_the_wrong_config_raises_clear_error(tmp_path):
+    import shutil
+
+    shutil.copytree(FIXTURE, tmp_path / "old")
+    edit_config(tmp_path / "old", num_experts=2)
+    with pytest.raises(ValueError) as err:
+        PeftModel.from_pretrained(fixture_base(), tmp_path / "old")
+    msg = str(err.value)
+    assert "does not match its config" in msg and "peft-hydra 0.1" in msg and "num_experts=2" in msg
+    assert re.search(r"hydra_B\.weight: shape \(\d+, 12\) in the checkpoint, \(\d+, 8\) from the config", msg)
 
 
 # -------------------------------------------------------------------------------------- fresh processes
@@ -168,7 +218,7 @@ LOAD_WITHOUT_IMPORT = """
         expected = torch.load("expected.pt")
         with torch.no_grad():
             torch.testing.assert_close(model.eval()(expected["ids"]).logits, expected["logits"], rtol=0, atol=0)
-        print("LOADED", type(model.base_model).__name__)
+        print("LOADED", [c.__name__ for c in type(model.base_model).__mro__ if c.__name__ == "HydraLoraModel"][0])
     """
 
 

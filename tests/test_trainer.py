@@ -10,7 +10,6 @@ import peft_hydra
 from peft_hydra import HydraLoraConfig, prepare_trainer
 
 from conftest import IdsDataset  # noqa: E402
-from peft_hydra.functional import load_balancing_loss
 
 from conftest import VOCAB  # noqa: E402  (tests/ is on sys.path under pytest's rootdir conftest)
 
@@ -96,31 +95,145 @@ def test_trainer_without_prepare_trains_unchanged(tiny_llama, tmp_path):
     assert "router_entropy" not in trainer.state.log_history[0]
 
 
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_compute_loss_adds_coef_times_balance_loss(tiny_llama, tmp_path, grad_accum):
+def test_trainer_computes_the_balance_term_with_the_accumulated_batch_share(tiny_llama, tmp_path):
+    """With gradient accumulation the Trainer passes num_items_in_batch (the accumulated batch's label tokens) and does
+    not divide the loss: the balance term enters with this micro-batch's share of those tokens, as the LM loss."""
     from transformers import Trainer
 
     coef = 0.5
-    model = get_peft_model(tiny_llama(), _config(router_aux_loss_coef=coef, init_weights=False))
-    trainer = Trainer(model=model, args=_args(tmp_path, gradient_accumulation_steps=grad_accum),
+    model = get_peft_model(tiny_llama(), _config(router_aux_loss_coef=coef, init_weights=False)).train()
+    trainer = Trainer(model=model, args=_args(tmp_path, gradient_accumulation_steps=2),
                       train_dataset=IdsDataset(_sequences()))  # fmt: skip
     prepare_trainer(trainer)
     with pytest.raises(ValueError, match="already called"):
         prepare_trainer(trainer)
-    model.train()
+    assert isinstance(trainer.callback_handler.callbacks[0], peft_hydra.HydraLoraCallback)  # first: loggers see it
     batch = {k: torch.stack([IdsDataset(_sequences(4))[i][k] for i in range(4)]) for k in ("input_ids", "labels")}
-    trainer.current_gradient_accumulation_steps = grad_accum
-    num_items = torch.tensor(4 * 15)  # label tokens after the causal shift; makes the Trainer skip its GA division
+    num_items = torch.tensor(2 * 4 * 15)  # two micro-batches of 4 x 15 label tokens after the causal shift
     loss = trainer.compute_loss(model, batch, num_items_in_batch=num_items)
-
-    task = model(**batch, num_items_in_batch=num_items).loss
-    layers = [m for m in model.modules() if isinstance(m, peft_hydra.HydraLoraLayer)]
-    balance = torch.stack([load_balancing_loss(*m._router_out["default"]) for m in layers]).mean()
-    torch.testing.assert_close(loss, task + coef * balance / grad_accum)
-
-    # Without num_items_in_batch the Trainer divides the whole loss by the GA steps itself: no extra division here.
+    balance = model.base_model.hydra_aux_loss() / coef
+    logits = model(**batch).logits
+    lm = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
+    torch.testing.assert_close(loss, lm / num_items + coef * balance / 2)
+    # Without num_items_in_batch the Trainer divides the whole loss by the accumulation steps itself
     loss = trainer.compute_loss(model, batch)
-    torch.testing.assert_close(loss, model(**batch).loss + coef * balance)
+    torch.testing.assert_close(loss, lm / (4 * 15) + coef * balance)
+
+
+# --------------------------------------------------------- the balance loss in every loop, without any helper
+COEF = 0.5
+
+
+def _fresh(tiny_llama, coef, **kw):
+    torch.manual_seed(0)
+    return get_peft_model(tiny_llama(), _config(router_aux_loss_coef=coef, init_weights=False, **kw)).train()
+
+
+def _router_rows(model):
+    return [m.hydra_A["default"].weight[4:].detach().clone() for m in model.modules()
+            if isinstance(m, peft_hydra.HydraLoraLayer)]  # fmt: skip
+
+
+def _balance_gradient(tiny_llama, batch):
+    """d(balance loss)/d(router rows) at the initial weights, on ``batch``."""
+    model = _fresh(tiny_llama, COEF)
+    model(**batch)
+    rows = [m.hydra_A["default"].weight for m in model.modules() if isinstance(m, peft_hydra.HydraLoraLayer)]
+    return [g[4:] / COEF for g in torch.autograd.grad(model.base_model.hydra_aux_loss(), rows)]
+
+
+def _assert_balance_step(tiny_llama, run, lr=1.0):
+    """One plain SGD step (``run(model)`` returns the batch it trained on) with and without the balance loss: the
+    router rows differ by exactly -lr * coef * d(balance)/dW, so the loop trained on the model's own loss, with
+    the balance term in it once."""
+    start = _router_rows(_fresh(tiny_llama, COEF))
+    after = {}
+    for coef in (COEF, 0.0):
+        model = _fresh(tiny_llama, coef)
+        batch = run(model)
+        after[coef] = _router_rows(model)
+    grads = _balance_gradient(tiny_llama, {k: v for k, v in batch.items() if k in ("input_ids", "labels")})
+    assert any(g.abs().max() > 1e-4 for g in grads)
+    for w_on, w_off, w0, g in zip(after[COEF], after[0.0], start, grads):
+        assert not torch.equal(w_off, w0)  # the step happened
+        torch.testing.assert_close(w_on - w_off, -lr * COEF * g, rtol=1e-3, atol=1e-6)
+
+
+def _sgd_args(tmp_path, **kw):
+    return dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=1, learning_rate=1.0,
+                optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
+                report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True, **kw)  # fmt: skip
+
+
+def test_balance_loss_trains_in_a_plain_trainer(tiny_llama, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    def run(model):
+        trainer = Trainer(model=model, args=TrainingArguments(**_sgd_args(tmp_path)),
+                          train_dataset=IdsDataset(_sequences(8)))  # fmt: skip
+        batch = next(iter(trainer.get_train_dataloader()))
+        trainer.train()
+        return batch
+
+    _assert_balance_step(tiny_llama, run)
+
+
+def test_balance_loss_trains_in_trl_sft_trainer(tiny_llama, tmp_path):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    texts = [" ".join(f"w{int(t)}" for t in row) for row in 4 + (_sequences(8) - 3) % (VOCAB - 4)]  # no <unk>
+
+    def run(model):
+        args = SFTConfig(**_sgd_args(tmp_path, max_length=24, bf16=False))
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
+                             processing_class=_char_tokenizer())  # fmt: skip
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert (batch["labels"] != -100).all()  # no padding: the reference forward sees the same tokens
+        trainer.train()
+        return batch
+
+    _assert_balance_step(tiny_llama, run)
+
+
+def test_balance_loss_trains_in_an_accelerate_loop(tiny_llama):
+    from accelerate import Accelerator
+
+    def run(model):
+        accelerator = Accelerator(cpu=True)
+        loader = torch.utils.data.DataLoader(IdsDataset(_sequences(8)), batch_size=8)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        model, opt, loader = accelerator.prepare(model, opt, loader)
+        batch = next(iter(loader))
+        accelerator.backward(model(**batch).loss)
+        opt.step()
+        return batch
+
+    _assert_balance_step(tiny_llama, run)
+
+
+def test_balance_loss_trains_in_a_plain_loop(tiny_llama):
+    def run(model):
+        batch = next(iter(torch.utils.data.DataLoader(IdsDataset(_sequences(8)), batch_size=8)))
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        model(**batch).loss.backward()
+        opt.step()
+        return batch
+
+    _assert_balance_step(tiny_llama, run)
+
+
+def test_callback_passed_to_the_trainer_logs_router_metrics(tiny_llama, tmp_path):
+    from transformers import Trainer
+
+    model = get_peft_model(tiny_llama(), _config(router_aux_loss_coef=0.01))
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=3), train_dataset=IdsDataset(_sequences()),
+                      callbacks=[peft_hydra.HydraLoraCallback()])  # fmt: skip
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3 and all("router_gate_0" in h and "router_aux_loss" in h for h in logs)
+    assert type(trainer).compute_loss is Trainer.compute_loss and "compute_loss" not in vars(trainer)  # nothing patched
+    assert "log" not in vars(trainer)
 
 
 def _char_tokenizer():

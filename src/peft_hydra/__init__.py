@@ -4,35 +4,34 @@
 ``get_peft_model``, ``PeftModel.from_pretrained`` and ``AutoPeftModelForCausalLM`` work with HydraLoRA adapters. It
 does nothing else: no other library's classes are changed. (After ``pip install peft-hydra`` a small start-up hook
 imports this package right after ``peft``, so that adapters also load in a script that never imports it; set
-``PEFT_HYDRA_AUTOLOAD=0`` to switch that off. See ``_peft_hydra_autoload.py``.)
+``PEFT_HYDRA_AUTOLOAD=0`` to switch that off. See ``_peft_hydra_autoload.py``.) What exists only because HydraLoRA
+lives outside PEFT is in ``peft_hydra.standalone``.
 """
 
-from . import _registry
 from .config import LLAMA_LIKE_TARGET_MODULES, METHOD_NAME, PEFT_TYPE_NAME, PREFIX, HydraLoraConfig, resolve_gates
 from .layer import HydraLoraLayer, Linear
 from .model import HydraLoraModel
-
-
-def _register() -> None:
-    """Register HydraLoRA with PEFT (idempotent); runs on ``import peft_hydra``."""
-    _registry.register(HydraLoraConfig, HydraLoraModel, method_name=METHOD_NAME, prefix=PREFIX)
-
+from .router import HydraRouter
+from .standalone.tuner import register as _register
 
 _register()
 
 from .convert import convert_official_checkpoint  # noqa: E402
 from .export import export_lora, measure_mean_gates  # noqa: E402
 from .heads import suggest_num_experts  # noqa: E402  (needs the [compare] extra when called: scikit-learn)
-from .integrations import hydra_compute_loss, prepare_trainer, router_health, router_metrics  # noqa: E402
+from .integrations import HydraLoraCallback, prepare_trainer, router_health, router_metrics  # noqa: E402
 from . import routing  # noqa: E402  (the routing statistics: peft_hydra.routing.layer_routing, summarize, ...)
-from .routing import format_routing_report, routing_report  # noqa: E402
+from .routing import format_routing_report, observe_routing, routing_report  # noqa: E402
+from .standalone.card import push_to_hub, write_model_card  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "HydraLoraCallback",
     "HydraLoraConfig",
     "HydraLoraLayer",
     "HydraLoraModel",
+    "HydraRouter",
     "LLAMA_LIKE_TARGET_MODULES",
     "Linear",
     "PEFT_TYPE_NAME",
@@ -41,13 +40,15 @@ __all__ = [
     "convert_official_checkpoint",
     "export_lora",
     "format_routing_report",
-    "hydra_compute_loss",
     "measure_mean_gates",
+    "observe_routing",
     "prepare_trainer",
+    "push_to_hub",
     "resolve_gates",
     "router_health",
     "router_metrics",
     "routing",
     "routing_report",
     "suggest_num_experts",
+    "write_model_card",
 ]

@@ -23,11 +23,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._compat import BaseTunerLayer
+from .standalone.compat import BaseTunerLayer, dequantize_bnb_weight
 from .config import HydraLoraConfig
 from .layer import Linear
 
-__all__ = ["Linear4bit", "Linear8bitLt", "dispatch_bnb", "refuse_unsupported_quantized", "standard_4bit_layout"]
+__all__ = [
+    "Linear4bit", "Linear8bitLt", "dispatch_bnb_4bit", "dispatch_bnb_8bit", "refuse_unsupported_quantized",
+    "standard_4bit_layout",
+]  # fmt: skip
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -98,23 +101,29 @@ def refuse_unsupported_quantized(module: nn.Module) -> None:
     )
 
 
-def dispatch_bnb(target: nn.Module, adapter_name: str, config: HydraLoraConfig, **kwargs) -> Optional[nn.Module]:
-    """The HydraLoRA layer for a bitsandbytes ``Linear8bitLt`` / ``Linear4bit`` base layer; None for anything else
-    (other bitsandbytes modules are then refused by :func:`refuse_unsupported_quantized`)."""
+def _dispatch_bnb(kind: str, target: nn.Module, adapter_name: str, config: HydraLoraConfig, **kwargs):
     bnb = sys.modules.get("bitsandbytes")
     if bnb is None:
         return None
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-    if isinstance(base, bnb.nn.Linear8bitLt):
-        cls = Linear8bitLt
-    elif isinstance(base, bnb.nn.Linear4bit):
-        cls = Linear4bit
-    else:
+    if not isinstance(base, getattr(bnb.nn, kind)):
         return None
+    cls = Linear8bitLt if kind == "Linear8bitLt" else Linear4bit
     if config.fan_in_fan_out:
         warnings.warn(f"fan_in_fan_out=True but the target is bitsandbytes {cls.__name__}: setting it to False.")
         config.fan_in_fan_out = False
     return cls(target, adapter_name, config, **kwargs)
+
+
+def dispatch_bnb_8bit(target: nn.Module, adapter_name: str, config: HydraLoraConfig, **kwargs) -> Optional[nn.Module]:
+    """The HydraLoRA layer for a bitsandbytes ``Linear8bitLt`` base layer; None for anything else."""
+    return _dispatch_bnb("Linear8bitLt", target, adapter_name, config, **kwargs)
+
+
+def dispatch_bnb_4bit(target: nn.Module, adapter_name: str, config: HydraLoraConfig, **kwargs) -> Optional[nn.Module]:
+    """The HydraLoRA layer for a bitsandbytes ``Linear4bit`` (QLoRA) base layer; None for anything else (other
+    bitsandbytes modules are then refused by :func:`refuse_unsupported_quantized`)."""
+    return _dispatch_bnb("Linear4bit", target, adapter_name, config, **kwargs)
 
 
 class _BnbLinear(Linear):
@@ -156,14 +165,12 @@ class Linear8bitLt(_BnbLinear):
     bits = 8
 
     def _dequantize(self) -> torch.Tensor:
-        from ._compat import dequantize_bnb_weight
-
         base = self.get_base_layer()
         if base.weight.dtype != torch.int8:  # has_fp16_weights=True: the weight is kept in float
             return base.weight.data
         if base.state.SCB is None:
             base.state.SCB = base.weight.SCB
-        return dequantize_bnb_weight()(base.weight, state=base.state)
+        return dequantize_bnb_weight(base.weight, state=base.state)
 
     def _requantize(self, weight: torch.Tensor) -> None:
         import bitsandbytes as bnb

@@ -8,6 +8,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from peft.config import PeftConfig
+from peft.utils import PeftType
 
 #: The PEFT type added to ``peft.utils.PeftType`` on ``import peft_hydra`` (see ``_registry.py``).
 PEFT_TYPE_NAME = "HYDRALORA"
@@ -36,97 +37,27 @@ HEAD_INITS = ("zero", "centered", "orthogonal")
 class HydraLoraConfig(PeftConfig):
     """Configuration of a HydraLoRA adapter (arXiv 2404.19245).
 
-    Per targeted linear layer HydraLoRA adds one shared down-projection ``A`` (r x in), ``num_experts`` up-projection
-    heads ``B_i`` (out x r) and a router ``W_g`` (in -> N, no bias):
+    Per targeted linear layer: one shared down-projection ``A`` (r x in), N heads ``B_i`` (out x r) and a router
+    ``W_g`` (in -> N, no bias):
 
         y = W0 x + scaling * sum_i w_i(x) B_i A dropout(x),    w(x) = softmax(W_g x / router_temperature)
 
-    with ``scaling = lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with ``use_rslora``). ``num_experts=1`` is exactly
-    LoRA (no router is created).
-
-    Args:
-        r (`int`): Rank of the shared ``A`` (and of every head ``B_i``).
-        lora_alpha (`float`): Scaling numerator, as in LoRA.
-        lora_dropout (`float`): Dropout on the adapter input, in ``[0, 1)``.
-        num_experts (`int`): N, the number of ``B`` heads. ``peft_hydra.suggest_num_experts(texts)`` picks one from a
-            corpus (TF-IDF + k-means elbow, as in the paper); 2-4 is typical.
-        target_modules (`list[str] | str`): Modules to adapt, as in LoRA (names, suffixes, a regex, or
-            ``"all-linear"``). ``None`` uses :data:`LLAMA_LIKE_TARGET_MODULES` for Llama-like models.
-        exclude_modules (`list[str] | str`): Modules not to adapt.
-        layers_to_transform (`list[int] | int`): Only adapt these layer indices.
-        layers_pattern (`list[str] | str`): Name of the layer list (``"layers"``, ``"h"``) for ``layers_to_transform``.
-        modules_to_save (`list[str]`): Extra modules trained in full and saved with the adapter.
-        fan_in_fan_out (`bool`): True for layers that store the weight as (in, out), e.g. GPT-2's ``Conv1D``
-            (set automatically, with a warning, when such a layer is targeted).
-        use_rslora (`bool`): Rank-stabilised scaling ``lora_alpha / sqrt(r)``.
-        rank_pattern (`dict`): Per-module rank overrides, ``{regex_or_name: r}``.
-        alpha_pattern (`dict`): Per-module alpha overrides, ``{regex_or_name: alpha}``.
-        init_weights (`bool`): True (default): ``A`` Kaiming-uniform, the ``B_i`` as ``head_init`` says (zero by
-            default: the adapter starts as the identity), router ``nn.Linear`` default init (or
-            ``router_init_std``). False: ``B`` random too (only for tests).
-        router_input (`str`): What the router sees. ``"x"`` (default, the authors' code): the layer input, router
-            in -> N. ``"a"`` (the paper's description): ``A dropout(x)``, router r -> N.
-        top_k (`int | None`): None: dense softmax gates. k: keep the k largest gates per token, renormalised to sum 1.
-        router_temperature (`float`): Softmax temperature of the router (> 0).
-        share_a (`bool`): True (HydraLoRA): one ``A`` shared by all heads. False: every head has its own ``A_i`` (the
-            paper's "LoRA-split" ablation, routed like HydraLoRA); ``A`` then has N*r rows.
-        fixed_gates (`str | list[float] | dict | None`): None: learned router. Fixed gates, no router: ``"uniform"``
-            (the paper's uniform-gate ablation), N non-negative weights, or per-layer weights ``{layer_name: [N]}``
-            (e.g. from ``peft_hydra.measure_mean_gates``). Fixed gates also make an exact merge possible.
-        router_aux_loss_coef (`float`): Weight of the Switch-style load-balancing loss that
-            ``model.hydra_aux_loss()`` returns (0 = off, the default). The loss is not added to the model's loss by
-            itself: add it in the training loop (see ``peft_hydra.integrations``).
-        dropout_per_head (`bool`): False (default): one dropout mask on ``x`` shared by all heads, so ``A dropout(x)``
-            is computed once. True: every head draws its own mask, as the authors' per-head loop does
-            (``sum_i w_i B_i A dropout_i(x)``); costs N times the ``A`` GEMM in training (no effect in eval mode or
-            with ``lora_dropout=0``).
-        head_init (`str`): How the N ``B`` heads start (cold-start remedies; the default keeps the paper's init).
-
-            - ``"zero"`` (default, the authors' code and the paper): every head zero, so the adapter starts as the
-              identity. The heads are then symmetric: the router's weight gets exactly zero gradient on the first
-              step (the output does not depend on the gates while every head is zero), and under a near-uniform
-              router every head gets the same gradient up to its gate, so the router gets next to no signal to
-              separate them (the "cold-start deadlock" described by Ortho-Hydra, arXiv 2605.03252).
-            - ``"centered"``: small random heads minus their mean over the heads (``functional.centered_heads``):
-              ``B_i = s * (G_i - mean_j G_j) * sqrt(N / (N - 1))`` with ``G`` standard normal and ``s =
-              head_init_std`` (every entry then has standard deviation ``s``). Since ``sum_i B_i = 0`` the initial
-              update ``scaling * sum_i g_i B_i A x = scaling * sum_i (g_i - 1/N) B_i A x`` is exactly zero under
-              uniform gates and of order ``s * |g - 1/N|`` otherwise, while the heads differ from step 1, so the
-              router gets a gradient from step 1. The multi-head random initialisation of R-LoRA (arXiv
-              2502.15455), centred so that the model starts where the zero init does (R-LoRA's heads are not
-              centred).
-            - ``"orthogonal"``: heads writing to disjoint, mutually orthogonal output subspaces
-              (``functional.orthogonal_heads``): ``Q`` (out x N*r) with orthonormal columns (QR of a Gaussian
-              matrix), head i = columns ``i*r .. (i+1)*r - 1``, then centred as above and scaled so that every
-              entry has root-mean-square ``head_init_std``: ``B_i = c (Q_i - mean_j Q_j)``, ``c = s * sqrt(out * N /
-              (N - 1))``. Initial output as for ``"centered"`` (exactly zero under uniform gates); the differences
-              ``B_i - B_j = c (Q_i - Q_j)`` lie in disjoint subspaces and every pair of heads has cosine exactly
-              ``-1/(N-1)`` (the most dissimilar N heads that sum to zero; for N = 2, ``B_2 = -B_1``). After
-              Ortho-Hydra's disjoint per-expert output subspaces (anima_lora, github.com/sorryhyun/anima_lora), which
-              carve them from the pretrained weight's top singular vectors; here they are random. Needs
-              ``out_features >= num_experts * r`` in every adapted layer.
-
-            With ``share_a=False`` (one ``A_i`` per head) the centred heads do not cancel (``sum_i B_i A_i x != 0``):
-            the initial output is then small (of order ``head_init_std``) but not zero.
-        head_init_std (`float`): ``s`` above, the scale of the non-zero head inits (> 0; not used by ``"zero"``).
-        router_init_std (`float | None`): None (default): the router keeps ``nn.Linear``'s default init
-            (Kaiming-uniform, the authors'). A float: router weight ~ normal(0, router_init_std) (0 = all zero:
-            exactly uniform gates at the start). A small std starts the router near uniform, as Switch Transformer's
-            reduced initialisation scale (arXiv 2101.03961) does. Needs a learned router.
-        router_aux_loss_warmup_steps (`int`): 0 (default): no warm-up. K > 0: the balance-loss coefficient ramps
-            linearly from 0 at optimizer step 0 to ``router_aux_loss_coef`` at step K
-            (``functional.aux_loss_warmup_coef``), so that the loss does not pin the gates to uniform before the
-            heads have differentiated. The step is passed as ``model.hydra_aux_loss(step=...)``;
-            ``peft_hydra.prepare_trainer`` passes ``trainer.state.global_step``. Needs ``router_aux_loss_coef > 0``.
+    with ``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``). ``num_experts=1`` is exactly
+    LoRA (no router). The LoRA fields mean what they mean in ``peft.LoraConfig``; every field's ``help`` says what it
+    does, and docs/configuration.md gives the background of each HydraLoRA option. Every value is checked here, once:
+    a wrong one raises a ValueError naming the field and the fix.
     """
 
     r: int = field(default=8, metadata={"help": "Rank of the shared A and of each B head."})
     lora_alpha: float = field(default=8, metadata={"help": "Scaling numerator: scaling = lora_alpha / r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter input."})
-    num_experts: int = field(default=3, metadata={"help": "N, the number of B heads (1 = LoRA)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter input, in [0, 1)."})
+    num_experts: int = field(
+        default=3,
+        metadata={"help": "N, the number of B heads (1 = LoRA); peft_hydra.suggest_num_experts picks one from a corpus."},
+    )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
-        metadata={"help": "Module names, suffixes, a regex or 'all-linear'. None: Llama-like default."},
+        metadata={"help": "Module names, suffixes, a regex or 'all-linear'. None: every linear of Llama-like models."},
     )
     exclude_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Module names or a regex of modules not to adapt."}
@@ -142,19 +73,24 @@ class HydraLoraConfig(PeftConfig):
     )
     fan_in_fan_out: bool = field(default=False, metadata={"help": "True for (in, out) weights such as GPT-2 Conv1D."})
     use_rslora: bool = field(default=False, metadata={"help": "Use scaling = lora_alpha / sqrt(r)."})
-    rank_pattern: dict = field(default_factory=dict, metadata={"help": "Per-module rank overrides."})
-    alpha_pattern: dict = field(default_factory=dict, metadata={"help": "Per-module alpha overrides."})
-    init_weights: bool = field(default=True, metadata={"help": "True: A Kaiming-uniform, B zero (identity start)."})
-    router_input: str = field(default="x", metadata={"help": "'x' (router on the input) or 'a' (router on A x)."})
-    top_k: Optional[int] = field(default=None, metadata={"help": "None: dense gates; k: keep the k largest."})
-    router_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the router."})
-    share_a: bool = field(default=True, metadata={"help": "False: one A per head (the LoRA-split ablation)."})
+    rank_pattern: dict = field(default_factory=dict, metadata={"help": "Per-module rank overrides {regex: r}."})
+    alpha_pattern: dict = field(default_factory=dict, metadata={"help": "Per-module alpha overrides {regex: alpha}."})
+    init_weights: bool = field(
+        default=True, metadata={"help": "True: A Kaiming-uniform, B per head_init (identity start). False: B random."}
+    )
+    router_input: str = field(
+        default="x", metadata={"help": "'x': router on the layer input (the authors' code); 'a': router on A x."}
+    )
+    top_k: Optional[int] = field(default=None, metadata={"help": "None: dense gates; k: keep the k largest per token."})
+    router_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the router (> 0)."})
+    share_a: bool = field(default=True, metadata={"help": "False: one A per head (the paper's LoRA-split ablation)."})
     fixed_gates: Optional[Union[str, list[float], dict[str, list[float]]]] = field(
         default=None,
         metadata={"help": "None: learned router; 'uniform', N weights or {layer: N weights}: fixed gates, no router."},
     )
     router_aux_loss_coef: float = field(
-        default=0.0, metadata={"help": "Weight of the load-balancing loss returned by model.hydra_aux_loss()."}
+        default=0.0,
+        metadata={"help": "Weight of the Switch load-balancing loss, added to the model's loss in training (0 = off)."},
     )
     dropout_per_head: bool = field(
         default=False,
@@ -168,7 +104,7 @@ class HydraLoraConfig(PeftConfig):
         default=0.01, metadata={"help": "Scale (entry std / RMS) of the 'centered' and 'orthogonal' head inits."}
     )
     router_init_std: Optional[float] = field(
-        default=None, metadata={"help": "None: nn.Linear default router init; a float: normal(0, std)."}
+        default=None, metadata={"help": "None: nn.Linear's default router init; a float: normal(0, std)."}
     )
     router_aux_loss_warmup_steps: int = field(
         default=0, metadata={"help": "Ramp the balance-loss coefficient from 0 over this many optimizer steps."}
@@ -179,53 +115,52 @@ class HydraLoraConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        from peft.utils import PeftType
-
-        self.peft_type = PeftType(PEFT_TYPE_NAME)  # added by peft_hydra._registry on import
+        self.peft_type = PeftType.HYDRALORA
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
-        self.validate()
+        if isinstance(self.fixed_gates, tuple):
+            self.fixed_gates = list(self.fixed_gates)
 
-    def validate(self) -> None:
-        """Raise a ValueError naming the field and its allowed values for every invalid setting."""
+        def error(name: str, must: str):
+            return ValueError(f"HydraLoraConfig.{name} must be {must}, got {getattr(self, name, None)!r}.")
 
-        def positive_int(name, value):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        def number(v, low: float = -math.inf, low_ok: bool = True) -> bool:
+            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+            return ok and (v >= low if low_ok else v > low)
+
+        def integer(v, low: int) -> bool:
+            return not isinstance(v, bool) and isinstance(v, int) and v >= low
+
+        ints = {"r": self.r, "num_experts": self.num_experts, **{f"rank_pattern[{k!r}]": v for k, v in self.rank_pattern.items()}}
+        for name, value in ints.items():
+            if not integer(value, 1):
                 raise ValueError(f"HydraLoraConfig.{name} must be an integer >= 1, got {value!r}.")
-
-        positive_int("r", self.r)
-        positive_int("num_experts", self.num_experts)
-        for key, value in self.rank_pattern.items():
-            positive_int(f"rank_pattern[{key!r}]", value)
-        alphas = [("lora_alpha", self.lora_alpha)]
-        alphas += [(f"alpha_pattern[{key!r}]", value) for key, value in self.alpha_pattern.items()]
-        for name, value in alphas:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        alphas = {"lora_alpha": self.lora_alpha, **{f"alpha_pattern[{k!r}]": v for k, v in self.alpha_pattern.items()}}
+        for name, value in alphas.items():
+            if not number(value):
                 raise ValueError(f"HydraLoraConfig.{name} must be a finite number, got {value!r}.")
-        if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
-            raise ValueError(f"HydraLoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if not (number(self.lora_dropout, 0.0) and self.lora_dropout < 1):
+            raise error("lora_dropout", "in [0, 1)")
         if self.router_input not in ROUTER_INPUTS:
-            raise ValueError(
-                f"HydraLoraConfig.router_input must be one of {ROUTER_INPUTS} ('x': router on the layer input, "
-                f"'a': router on A x), got {self.router_input!r}."
-            )
-        if self.top_k is not None:
-            if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
-                raise ValueError(
-                    f"HydraLoraConfig.top_k must be None (dense gates) or an integer in [1, num_experts={self.num_experts}],"
-                    f" got {self.top_k!r}."
-                )
-        if not (isinstance(self.router_temperature, (int, float)) and self.router_temperature > 0):
-            raise ValueError(f"HydraLoraConfig.router_temperature must be > 0, got {self.router_temperature!r}.")
-        if not (isinstance(self.router_aux_loss_coef, (int, float)) and self.router_aux_loss_coef >= 0):
-            raise ValueError(
-                f"HydraLoraConfig.router_aux_loss_coef must be >= 0 (0 = off), got {self.router_aux_loss_coef!r}."
-            )
+            raise error("router_input", f"one of {ROUTER_INPUTS} ('x': router on the layer input, 'a': on A x)")
+        if self.top_k is not None and not (integer(self.top_k, 1) and self.top_k <= self.num_experts):
+            raise error("top_k", f"None (dense gates) or an integer in [1, num_experts={self.num_experts}]")
+        if not number(self.router_temperature, 0.0, low_ok=False):
+            raise error("router_temperature", "a number > 0")
+        if not number(self.router_aux_loss_coef, 0.0):
+            raise error("router_aux_loss_coef", "a number >= 0 (0 = off)")
+        if not integer(self.router_aux_loss_warmup_steps, 0):
+            raise error("router_aux_loss_warmup_steps", "an integer >= 0 (0 = off)")
+        if self.head_init not in HEAD_INITS:
+            raise error("head_init", f"one of {HEAD_INITS} ('zero': the paper's zero heads, 'centered': small random "
+                        "heads minus their mean, 'orthogonal': centred heads in disjoint subspaces)")  # fmt: skip
+        if not number(self.head_init_std, 0.0, low_ok=False):
+            raise error("head_init_std", "a finite number > 0")
+        if self.router_init_std is not None and not number(self.router_init_std, 0.0):
+            raise error("router_init_std", "None (nn.Linear's default init) or a finite number >= 0")
         if self.fixed_gates is not None:
-            if isinstance(self.fixed_gates, tuple):
-                self.fixed_gates = list(self.fixed_gates)
             if isinstance(self.fixed_gates, Mapping):
                 if not self.fixed_gates:
                     raise ValueError(gates_error(self.fixed_gates, self.num_experts, "HydraLoraConfig.fixed_gates"))
@@ -233,74 +168,40 @@ class HydraLoraConfig(PeftConfig):
                     resolve_gates(gates, self.num_experts, what=f"HydraLoraConfig.fixed_gates[{name!r}]")
             else:
                 resolve_gates(self.fixed_gates, self.num_experts, what="HydraLoraConfig.fixed_gates")
-            if self.top_k is not None:
-                raise ValueError("HydraLoraConfig.top_k applies to a learned router: set top_k=None with fixed_gates.")
-            if self.router_aux_loss_coef > 0:
-                raise ValueError(
-                    "HydraLoraConfig.router_aux_loss_coef > 0 needs a learned router: set it to 0 with fixed_gates."
-                )
+        # the router options need a learned router (N > 1, no fixed gates)
+        why = "num_experts=1 has no router" if self.num_experts == 1 else "fixed_gates replace the router"
+        needs_router = {
+            "top_k": (self.top_k is not None and self.num_experts > 1, "set top_k=None"),
+            "router_aux_loss_coef": (self.router_aux_loss_coef > 0, "set it to 0"),
+            "router_init_std": (self.router_init_std is not None, "set router_init_std=None"),
+        }
+        for name, (is_set, fix) in needs_router.items():
+            if is_set and not self.has_router:
+                raise ValueError(f"HydraLoraConfig.{name} applies to a learned router, but {why}: {fix}.")
+        if self.router_aux_loss_warmup_steps > 0 and not self.router_aux_loss_coef > 0:
+            raise ValueError(
+                "HydraLoraConfig.router_aux_loss_warmup_steps > 0 ramps up the balance loss, which is off: set "
+                "router_aux_loss_coef > 0 (e.g. 0.001) or router_aux_loss_warmup_steps=0."
+            )
+        if self.head_init != "zero" and (self.num_experts == 1 or not self.init_weights):
+            raise ValueError(
+                f"HydraLoraConfig.head_init={self.head_init!r} needs num_experts >= 2 (one centred head is zero) and "
+                "init_weights=True (init_weights=False makes random heads for tests): use head_init='zero'."
+            )
         if self.dropout_per_head and self.router_input == "a" and self.has_router and self.lora_dropout > 0:
             raise ValueError(
                 "HydraLoraConfig.dropout_per_head=True with router_input='a' and lora_dropout > 0 is ambiguous: every "
                 "head sees its own A dropout_i(x), so there is no single A x for the router. Use router_input='x' (the "
                 "authors' setting, which dropout_per_head reproduces) or dropout_per_head=False."
             )
-        self._validate_init()
-        if self.num_experts == 1 and self.router_aux_loss_coef > 0:
-            raise ValueError("HydraLoraConfig.router_aux_loss_coef > 0 needs num_experts >= 2 (N=1 has no router).")
         if self.target_parameters is not None:
-            raise ValueError("HydraLoraConfig.target_parameters is not supported: use target_modules.")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("HydraLoraConfig.layers_to_transform cannot be used when target_modules is a regex str.")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ValueError("HydraLoraConfig.layers_pattern cannot be used when target_modules is a regex str.")
+            raise error("target_parameters", "None (HydraLoRA adapts modules: use target_modules)")
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
+            raise ValueError(
+                "HydraLoraConfig.layers_to_transform / layers_pattern cannot be used when target_modules is a regex str."
+            )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("HydraLoraConfig.layers_pattern needs layers_to_transform to be set too.")
-
-    def _validate_init(self) -> None:
-        """The cold-start options: head_init, head_init_std, router_init_std, router_aux_loss_warmup_steps."""
-        if self.head_init not in HEAD_INITS:
-            raise ValueError(
-                f"HydraLoraConfig.head_init must be one of {HEAD_INITS} ('zero': the paper's zero heads, 'centered': "
-                f"small random heads minus their mean, 'orthogonal': centred heads in disjoint subspaces), got "
-                f"{self.head_init!r}."
-            )
-        std = self.head_init_std
-        if isinstance(std, bool) or not isinstance(std, (int, float)) or not (math.isfinite(std) and std > 0):
-            raise ValueError(f"HydraLoraConfig.head_init_std must be a finite number > 0, got {std!r}.")
-        if self.head_init != "zero":
-            if self.num_experts == 1:
-                raise ValueError(
-                    f"HydraLoraConfig.head_init={self.head_init!r} needs num_experts >= 2: with one head the centred "
-                    "init is zero (and there is no router to start). Use head_init='zero'."
-                )
-            if not self.init_weights:
-                raise ValueError(
-                    f"HydraLoraConfig.head_init={self.head_init!r} conflicts with init_weights=False (random B for "
-                    "tests): keep init_weights=True with a non-zero head_init."
-                )
-        rstd = self.router_init_std
-        if rstd is not None:
-            if isinstance(rstd, bool) or not isinstance(rstd, (int, float)) or not (math.isfinite(rstd) and rstd >= 0):
-                raise ValueError(
-                    f"HydraLoraConfig.router_init_std must be None (nn.Linear's default init) or a finite number >= 0,"
-                    f" got {rstd!r}."
-                )
-            if not self.has_router:
-                raise ValueError(
-                    "HydraLoraConfig.router_init_std is set but the adapter has no learned router (num_experts=1 or "
-                    "fixed_gates): set router_init_std=None."
-                )
-        warm = self.router_aux_loss_warmup_steps
-        if isinstance(warm, bool) or not isinstance(warm, int) or warm < 0:
-            raise ValueError(
-                f"HydraLoraConfig.router_aux_loss_warmup_steps must be an integer >= 0 (0 = off), got {warm!r}."
-            )
-        if warm > 0 and not self.router_aux_loss_coef > 0:
-            raise ValueError(
-                "HydraLoraConfig.router_aux_loss_warmup_steps > 0 ramps up the balance loss, which is off: set "
-                "router_aux_loss_coef > 0 (e.g. 0.001) or router_aux_loss_warmup_steps=0."
-            )
 
     @property
     def has_router(self) -> bool:

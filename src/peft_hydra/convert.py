@@ -14,8 +14,9 @@ Their code is a fork of an early ``peft`` (0.2/0.3) whose ``Linear`` layer repla
 ``peft_type: "LORA"`` and ``lora_nums``.
 
 That is exactly HydraLoRA with ``router_input="x"``, dense softmax gates, ``scaling = lora_alpha / r`` and
-``dropout_per_head=True``; the tensors map one to one: ``hydra_A = lora_A``, ``hydra_B[:, i] = lora_B{i}`` (stacked
-to ``(out, N, r)``) and ``hydra_router = lora_route``. :func:`convert_official_checkpoint` writes the result as a
+``dropout_per_head=True``; the tensors map one to one: ``hydra_A.weight = [lora_A; lora_route]`` (A's r rows, then
+the router's N rows: this package's layout) and ``hydra_B.weight = [lora_B0 | ... | lora_B{N-1}]`` (the heads side
+by side, (out, N*r)). :func:`convert_official_checkpoint` writes the result as a
 normal adapter directory that ``peft.PeftModel.from_pretrained`` loads (after ``import peft_hydra``).
 
 Their second code base, ``MLLM-HydraLoRA`` (LLaVA; ``moe.py``), is a different model (one router with a bias per MLP
@@ -147,7 +148,8 @@ def _group_modules(src: str, state: dict[str, torch.Tensor]) -> dict[str, dict[s
 
 
 def _stack_module(src: str, module: str, tensors: dict[str, torch.Tensor], r: int, n: int):
-    """(A, B stacked to (out, N, r), router or None) of one module, after checking names and shapes."""
+    """(A with the router's rows below it (r + N, in), B side by side (out, N*r)) of one module, after checking names
+    and shapes."""
     expected = {"lora_A", "lora_route"} | {f"lora_B{i}" for i in range(n)}
     missing = sorted(expected - set(tensors))
     extra = sorted(set(tensors) - expected)
@@ -172,8 +174,8 @@ def _stack_module(src: str, module: str, tensors: dict[str, torch.Tensor], r: in
         problems.append(f"lora_route has shape {tuple(route.shape)}, expected (lora_nums={n}, in={in_features})")
     if problems:
         raise _error(src, f"module '{module}': " + "; ".join(problems) + ".")
-    B = torch.stack(heads, dim=1).contiguous()  # (out, N, r): head i is B[:, i]
-    return A.contiguous(), B, (route.contiguous() if n > 1 else None)
+    B = torch.cat(heads, dim=1).contiguous()  # (out, N*r): head i in columns i*r .. (i+1)*r - 1
+    return (torch.cat([A, route]) if n > 1 else A).contiguous(), B
 
 
 def convert_official_checkpoint(
@@ -232,11 +234,9 @@ def convert_official_checkpoint(
     modules = _group_modules(src, state)
     out: dict[str, torch.Tensor] = {}
     for module in sorted(modules):
-        A, B, route = _stack_module(src, module, modules[module], r, n)
+        A, B = _stack_module(src, module, modules[module], r, n)
         out[f"{module}.{PREFIX}A.weight"] = A
-        out[f"{module}.{PREFIX}B"] = B
-        if route is not None:
-            out[f"{module}.{PREFIX}router.weight"] = route
+        out[f"{module}.{PREFIX}B.weight"] = B
 
     targets = sorted({module.rsplit(".", 1)[-1] for module in modules})
     hydra_config = HydraLoraConfig(

@@ -30,34 +30,20 @@ def _tuner(model):
     return unwrap_hydra_tuner(model)
 
 
-@torch.no_grad()
 def measure_mean_gates(model, batches: Iterable, adapter_name: Optional[str] = None) -> dict[str, list[float]]:
     """Run ``model`` (eval mode, no grad) on ``batches`` (dicts of model inputs, or input-id tensors) and return the
-    mean gate of every routed layer: ``{layer_name: [N floats]}``, ready for ``export_lora(gates=...)`` and
-    ``merge_and_unload(gates=...)``.
+    mean gate of every routed layer over all their tokens: ``{layer_name: [N floats]}``, ready for
+    ``export_lora(gates=...)`` and ``merge_and_unload(gates=...)``. The model's router-statistics state and training
+    mode are restored afterwards (:func:`peft_hydra.observe_routing`)."""
+    from .routing import observe_routing
 
-    Collects router statistics only for these batches (``collect_router_stats``): the statistics and the collection
-    state the model had before are restored afterwards, and so is its training mode."""
-    tuner = _tuner(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with tuner.collect_router_stats():
-            n = 0
-            for batch in batches:
-                if isinstance(batch, Mapping):
-                    model(**{k: v for k, v in batch.items() if k != "labels"})
-                else:
-                    model(input_ids=batch)
-                n += 1
-            if n == 0:
-                raise ValueError("measure_mean_gates got no batches: pass a non-empty iterable of model inputs.")
-            stats = tuner.router_stats(adapter_name)
-    finally:
-        model.train(was_training)
-    if not stats["layers"]:
+    batches = list(batches)
+    if not batches:
+        raise ValueError("measure_mean_gates got no batches: pass a non-empty iterable of model inputs.")
+    observed = observe_routing(model, batches, adapter_name=adapter_name)
+    if not observed:
         raise ValueError("No routed layer saw a token: the adapter has no learned router (use fixed gates).")
-    return {name: s["mean_gate"] for name, s in stats["layers"].items()}
+    return {name: per_cat[None]["mean_gate"] for name, per_cat in observed.items()}
 
 
 def _layer_gates(layer: HydraLoraLayer, name: str, adapter: str, gates: GatesArg) -> torch.Tensor:
@@ -117,24 +103,26 @@ def export_lora(
             raise ValueError(f"Layer '{name}' has adapter '{adapter}' merged: call model.unmerge_adapter() first.")
         g = _layer_gates(layer, name, adapter, gates)
         used_names.add(name)
-        A = layer.hydra_A[adapter].weight.detach().float().cpu()  # (r or N*r, in)
-        B = layer.hydra_B[adapter].detach().float().cpu()  # (out, N, r)
-        out_features, n, r = B.shape
+        A = layer.hydra_A[adapter].weight[: layer._a_rows(adapter)].detach().float().cpu()  # (r or N*r, in)
+        B = layer.hydra_B[adapter].weight.detach().float().cpu()  # (out, N*r)
+        r = layer.r[adapter]
         lora_r = r * factor
         lora_scaling = layer.lora_alpha[adapter] / (lora_r**0.5 if config.use_rslora else lora_r)
         c = layer.scaling[adapter] / lora_scaling
-        lora_B = c * HF.gated_heads(B, g, shared_a=config.share_a)
-        dtype = layer.hydra_B[adapter].dtype
+        lora_B = c * HF.merged_heads(B, g, r, shared_a=config.share_a)
+        dtype = layer.hydra_B[adapter].weight.dtype
         state[f"{prefix}{name}.lora_A.weight"] = A.to(dtype).contiguous()
         state[f"{prefix}{name}.lora_B.weight"] = lora_B.to(dtype).contiguous()
     if not state:
         raise ValueError(f"Adapter '{adapter}' has no HydraLoRA layer to export.")
     check_gate_layers(gates, used_names)
 
-    # Non-HydraLoRA trainable tensors (modules_to_save) keep PEFT's saved layout.
-    for key, value in get_peft_model_state_dict(peft_model, adapter_name=adapter).items():
-        if f".{PREFIX}" not in key:
-            state[key] = value.detach().cpu().contiguous()
+    # Non-HydraLoRA trainable tensors (modules_to_save) keep PEFT's saved layout. Only read when there are any: the
+    # model's state_dict() runs bitsandbytes' own, which rewrites CPU-packed 4-bit weights in place (docs/quantized.md)
+    if config.modules_to_save:
+        for key, value in get_peft_model_state_dict(peft_model, adapter_name=adapter).items():
+            if f".{PREFIX}" not in key:
+                state[key] = value.detach().cpu().contiguous()
 
     target_modules = config.target_modules
     lora_config = LoraConfig(

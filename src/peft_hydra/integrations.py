@@ -1,40 +1,33 @@
-"""`transformers.Trainer` / TRL integration: the balance loss and router metrics in one line.
+"""`transformers.Trainer` / TRL integration: router metrics and warnings in the Trainer's logs, through a callback.
 
-A HydraLoRA model trains unchanged under ``transformers.Trainer`` and TRL's ``SFTTrainer``. Two things need the
-trainer's cooperation, and :func:`prepare_trainer` adds both::
+A HydraLoRA model trains unchanged under ``transformers.Trainer``, TRL's ``SFTTrainer``, accelerate or a plain loop:
+the router balance loss (``router_aux_loss_coef > 0``) joins ``outputs.loss`` inside the model's forward. What a
+Trainer can add is :class:`HydraLoraCallback` (no Trainer method is replaced)::
 
-    trainer = SFTTrainer(model=peft_model, args=args, train_dataset=ds)   # or transformers.Trainer
-    peft_hydra.prepare_trainer(trainer)                                     # the one line
-    trainer.train()
+    trainer = SFTTrainer(model=peft_model, args=args, train_dataset=ds, callbacks=[peft_hydra.HydraLoraCallback()])
+    # or, on a built trainer: peft_hydra.prepare_trainer(trainer)
 
-1. The auxiliary load-balancing loss (``router_aux_loss_coef > 0``) is added to the loss of every training step,
-   scaled the way the Trainer scales its own loss (gradient accumulation, token-averaging across processes), so
-   that its gradient is ``coef * mean(balance loss)`` over the micro-batches and processes.
-2. Router statistics are logged as Trainer metrics with every training log (and every evaluation):
-   ``router_entropy``, ``router_gate_<i>`` (mean gate of head i, averaged over layers), ``router_aux_loss``
-   (the mean balance loss term over the logging window, when the coefficient is > 0); evaluation logs get the same
-   keys with the ``eval_`` prefix. The statistics are those of this process (rank 0 is the one that reports).
-3. With those statistics, a warning (once per condition and trainer, from ``router_warnings_after_steps`` optimizer
-   steps on) when the routers stay uniform or collapse onto one head, with the figures and the remedies
-   (:func:`router_health`; thresholds :data:`UNIFORM_ENTROPY` and :data:`COLLAPSE_GATE`). Measure whether the
-   routing carries information about your tasks with :func:`peft_hydra.routing_report` (docs/routing.md).
-
-If you subclass the Trainer yourself, :func:`hydra_compute_loss` is the same loss as a helper for your
-``compute_loss``.
+1. Router statistics as Trainer metrics with every training log (and every evaluation): ``router_entropy``,
+   ``router_gate_<i>`` (mean gate of head i, averaged over layers), ``router_aux_loss`` (the balance term of the last
+   training forward, when the coefficient is > 0); evaluation logs get the same keys with the ``eval_`` prefix. The
+   statistics are those of this process (rank 0 is the one that reports).
+2. A warning (once per condition, from ``router_warnings_after_steps`` optimizer steps on) when the routers stay
+   uniform or collapse onto one head, with the figures and the remedies (:func:`router_health`; thresholds
+   :data:`UNIFORM_ENTROPY` and :data:`COLLAPSE_GATE`). Measure whether the routing carries information about your
+   tasks with :func:`peft_hydra.routing_report` (docs/routing.md).
+3. The optimizer step for ``router_aux_loss_warmup_steps`` (``model.base_model.aux_loss_step``).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from typing import Any, Mapping
 
 import torch
+from transformers import TrainerCallback
 
-__all__ = ["prepare_trainer", "hydra_compute_loss", "router_health", "router_metrics", "unwrap_hydra_tuner"]
-
-_PATCHED = "_peft_hydra_prepared"
+__all__ = ["HydraLoraCallback", "prepare_trainer", "router_health", "router_metrics", "unwrap_hydra_tuner"]
 
 #: Training-time warning: the gates "stay uniform" when the per-token entropy, divided by log N, is at least this
 #: (median over layers); 0.98 of log N is e.g. gates (0.26, 0.32, 0.42) on every token for N = 3.
@@ -109,46 +102,6 @@ def unwrap_hydra_tuner(model: torch.nn.Module):
     )
 
 
-def _loss_is_scaled_for_ga(trainer, num_items_in_batch) -> bool:
-    """Mirror of the rule in ``Trainer.training_step``: True when the Trainer will NOT divide the loss by the
-    number of gradient-accumulation steps (it was normalised over the whole accumulated batch instead)."""
-    explicit = getattr(trainer, "loss_is_scaled_for_ga", None)
-    if explicit is not None:
-        return bool(explicit)
-    return bool(
-        (getattr(trainer, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
-        or getattr(trainer, "compute_loss_func", None) is not None
-    )
-
-
-def hydra_compute_loss(trainer, model, inputs, return_outputs: bool = False, num_items_in_batch=None, *, compute_loss=None):
-    """``trainer.compute_loss`` plus ``coef * balance loss`` of the same forward (training only).
-
-    ``compute_loss`` is the original loss function (default: ``type(trainer).compute_loss`` bound to ``trainer``).
-    The term is divided by the gradient-accumulation steps when the Trainer will not do it itself, so that
-    accumulated micro-batches contribute their mean; it is not multiplied by the number of processes (DDP averages
-    the gradients of the per-process terms, which is the mean over processes).
-    """
-    if compute_loss is None:
-        compute_loss = functools.partial(type(trainer).compute_loss, trainer)
-    # return_outputs is passed through: TRL's SFTTrainer runs an extra no-grad forward for it, which would replace the
-    # router outputs that the balance loss is computed from.
-    result = compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-    loss, outputs = result if return_outputs else (result, None)
-    tuner = unwrap_hydra_tuner(model)
-    coef = tuner.peft_config[tuner.active_adapters[0]].router_aux_loss_coef
-    if coef > 0 and model.training and torch.is_grad_enabled():
-        state = getattr(trainer, "state", None)
-        aux = tuner.hydra_aux_loss(step=getattr(state, "global_step", None))  # optimizer steps done: the warm-up
-        if aux.requires_grad:
-            state = trainer.__dict__.setdefault("_peft_hydra_aux", [])
-            state.append(aux.detach())
-            if _loss_is_scaled_for_ga(trainer, num_items_in_batch):
-                aux = aux / max(int(getattr(trainer, "current_gradient_accumulation_steps", 1) or 1), 1)
-            loss = loss + aux.to(loss.dtype)
-    return (loss, outputs) if return_outputs else loss
-
-
 def router_metrics(model: torch.nn.Module, prefix: str = "", reset: bool = True) -> dict[str, float]:
     """Router statistics accumulated since the last reset, as flat Trainer metrics:
     ``{prefix}router_entropy`` and ``{prefix}router_gate_<i>`` (empty when nothing was routed)."""
@@ -164,70 +117,68 @@ def router_metrics(model: torch.nn.Module, prefix: str = "", reset: bool = True)
     return metrics
 
 
-def prepare_trainer(
-    trainer,
-    *,
-    aux_loss: bool = True,
-    log_router_stats: bool = True,
-    router_warnings: bool = True,
-    router_warnings_after_steps: int = 50,
-):
-    """Make ``trainer`` (a ``transformers.Trainer`` or a subclass such as TRL's ``SFTTrainer``) HydraLoRA-aware.
+class HydraLoraCallback(TrainerCallback):
+    """Router metrics and warnings in a Trainer's logs, and the step of the balance loss's warm-up (see the module
+    docstring). ``log_router_stats``: add the metrics to the logs; ``router_warnings``: warn on uniform or collapsed
+    routing from ``router_warnings_after_steps`` optimizer steps on."""
 
-    Adds the router balance loss to the training loss (``aux_loss``, only matters with ``router_aux_loss_coef > 0``;
-    its warm-up follows ``trainer.state.global_step``), logs router statistics as Trainer metrics
-    (``log_router_stats``) and warns once per condition when the routers stay uniform or collapse onto one head,
-    judged on the statistics of each training log window from ``router_warnings_after_steps`` optimizer steps on
-    (``router_warnings``). It wraps ``trainer.compute_loss`` and ``trainer.log`` on this instance only; calling it
-    twice is an error. Returns ``trainer``.
-    """
-    if isinstance(router_warnings_after_steps, bool) or not isinstance(router_warnings_after_steps, int) or (
-        router_warnings_after_steps < 0
-    ):
-        raise ValueError(f"router_warnings_after_steps must be an integer >= 0, got {router_warnings_after_steps!r}.")
-    if not (hasattr(trainer, "compute_loss") and hasattr(trainer, "log") and hasattr(trainer, "model")):
+    def __init__(self, *, log_router_stats: bool = True, router_warnings: bool = True,
+                 router_warnings_after_steps: int = 50) -> None:  # fmt: skip
+        steps = router_warnings_after_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"router_warnings_after_steps must be an integer >= 0, got {steps!r}.")
+        self.log_router_stats, self.router_warnings, self.after_steps = log_router_stats, router_warnings, steps
+        self.warned: set[str] = set()
+        self.tuner = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.tuner = unwrap_hydra_tuner(model)
+        self.tuner._sync_hooks()  # a router_aux_loss_coef changed in the config since the model was built
+        self.tuner.aux_loss_step = state.global_step
+        if self.log_router_stats or self.router_warnings:
+            self.tuner.reset_router_stats()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.tuner is not None:
+            self.tuner.aux_loss_step = state.global_step  # optimizer steps done: the balance loss's warm-up
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        if self.tuner is None and model is not None:  # evaluate() without train()
+            self.tuner = unwrap_hydra_tuner(model)
+            self.tuner.reset_router_stats()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.tuner is None or logs is None:
+            return
+        is_train, is_eval = "loss" in logs, any(k.startswith("eval_") for k in logs)
+        if not (is_train or is_eval):
+            return
+        if self.router_warnings and is_train and state.global_step >= self.after_steps:
+            for condition, message in router_health(self.tuner.router_stats()["layers"]).items():
+                if condition not in self.warned:
+                    self.warned.add(condition)
+                    warnings.warn(f"{message} (training step {state.global_step})", UserWarning, stacklevel=2)
+        metrics = router_metrics(self.tuner, prefix="eval_" if is_eval else "")  # reads and resets the statistics
+        if is_train and self.tuner.last_aux_loss is not None:
+            metrics["router_aux_loss"] = round(float(self.tuner.last_aux_loss), 6)
+        if self.log_router_stats and metrics:
+            logs.update(metrics)
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(metrics)  # the Trainer appended its copy of the logs before on_log
+
+
+def prepare_trainer(trainer, *, log_router_stats: bool = True, router_warnings: bool = True,
+                    router_warnings_after_steps: int = 50):  # fmt: skip
+    """Add a :class:`HydraLoraCallback` to ``trainer`` (a ``transformers.Trainer`` or a subclass such as TRL's
+    ``SFTTrainer``) and return it. The callback goes first in the trainer's callback list, so that the loggers and
+    progress printers that follow see the router metrics. The balance loss needs nothing here: the model's forward
+    adds it to the loss. Calling it twice is an error."""
+    handler = getattr(trainer, "callback_handler", None)
+    if handler is None or not hasattr(trainer, "model"):
         raise TypeError(f"prepare_trainer expects a transformers.Trainer, got {type(trainer).__name__}.")
-    if getattr(trainer, _PATCHED, False):
-        raise ValueError("prepare_trainer was already called on this trainer.")
-    tuner = unwrap_hydra_tuner(trainer.model)
-    tuner.reset_router_stats()
-
-    if aux_loss:
-        original_compute_loss = trainer.compute_loss
-
-        def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
-            call = functools.partial(original_compute_loss, **kwargs) if kwargs else original_compute_loss
-            return hydra_compute_loss(
-                trainer, model, inputs, return_outputs, num_items_in_batch, compute_loss=call
-            )
-
-        trainer.compute_loss = compute_loss
-
-    if log_router_stats or router_warnings:
-        original_log = trainer.log
-        warned: set[str] = set()
-
-        def log(logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-            is_eval = any(k.startswith("eval_") for k in logs)
-            is_train = "loss" in logs
-            if router_warnings and is_train:
-                step = int(getattr(getattr(trainer, "state", None), "global_step", 0) or 0)
-                if step >= router_warnings_after_steps:
-                    found = router_health(unwrap_hydra_tuner(trainer.model).router_stats()["layers"])
-                    for condition, message in found.items():
-                        if condition not in warned:
-                            warned.add(condition)
-                            warnings.warn(f"{message} (training step {step})", UserWarning, stacklevel=2)
-            if is_eval or is_train:
-                prefix = "eval_" if is_eval else ""
-                metrics = router_metrics(trainer.model, prefix=prefix)  # reads and resets the statistics
-                if log_router_stats:
-                    logs.update(metrics)
-                aux = trainer.__dict__.pop("_peft_hydra_aux", None)
-                if log_router_stats and is_train and aux:
-                    logs["router_aux_loss"] = round(float(torch.stack(aux).float().mean()), 6)
-            return original_log(logs, *args, **kwargs)
-
-        trainer.log = log
-    setattr(trainer, _PATCHED, True)
+    if any(isinstance(cb, HydraLoraCallback) for cb in handler.callbacks):
+        raise ValueError("prepare_trainer was already called on this trainer (it has a HydraLoraCallback).")
+    unwrap_hydra_tuner(trainer.model)  # a clear error now, not at train()
+    handler.callbacks.insert(0, HydraLoraCallback(log_router_stats=log_router_stats, router_warnings=router_warnings,
+                                                  router_warnings_after_steps=router_warnings_after_steps))  # fmt: skip
     return trainer

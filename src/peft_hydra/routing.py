@@ -21,9 +21,9 @@ and returns, for every routed layer:
 
 plus ``summary``: median and max over layers. :func:`format_routing_report` renders it as markdown.
 
-The statistics come from the layers' own router statistics (``HydraLoraModel.router_stats``, the sums that
-``HydraLoraLayer._record_router`` accumulates), so a report costs one forward per batch and no hooks. Every token the
-layer sees is counted, padding included (as in :func:`peft_hydra.measure_mean_gates`).
+The statistics come from the model's router statistics (``HydraLoraModel.router_stats``: forward hooks on the
+routers, registered while a report runs), gathered by :func:`observe_routing`, so a report costs one forward per
+batch. Every token the layer sees is counted, padding included (as in :func:`peft_hydra.measure_mean_gates`).
 
 The math is in plain functions on tensors (:func:`mutual_information`, :func:`head_similarity`,
 :func:`layer_routing`, :func:`summarize`), testable without a model. The training-time checks on the same
@@ -33,7 +33,7 @@ statistics (gates that stay uniform or collapse) are :func:`peft_hydra.integrati
 from __future__ import annotations
 
 import math
-from typing import Any, Hashable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Hashable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
@@ -45,6 +45,8 @@ __all__ = [
     "head_similarity",
     "layer_routing",
     "mutual_information",
+    "observe_routing",
+    "report_from_observation",
     "router_health",
     "routing_report",
     "summarize",
@@ -168,6 +170,94 @@ def _forward(model, batch) -> None:
 
 
 @torch.no_grad()
+def observe_routing(
+    model,
+    batches: Iterable,
+    labels: Optional[Sequence[Hashable]] = None,
+    adapter_name: Optional[str] = None,
+    forward: Optional[Callable[[Any, Any], Any]] = None,
+) -> dict[str, dict[Hashable, dict[str, Any]]]:
+    """Run ``model`` (a PeftModel with a HydraLoRA adapter) on ``batches`` with its router statistics on, and return
+    them per routed layer and category: ``{layer: {label: {"mean_gate": [N], "entropy": nats, "tokens": int}}}``.
+
+    The one place that runs batches with the routers observed: :func:`routing_report`,
+    :func:`peft_hydra.measure_mean_gates` and the comparison's evaluation use it. The model runs in eval mode
+    without grad; its training mode and router-statistics state are restored afterwards.
+
+    Args:
+        batches: model inputs, each a dict (an LM ``labels`` key is ignored) or an input-id tensor.
+        labels: one category label per batch (a task or dataset name; not the LM labels); None: one category, None.
+        adapter_name: the adapter (default: the active one).
+        forward: ``forward(model, batch)`` runs one batch (default: ``model(**batch)`` without ``labels``, or
+            ``model(input_ids=batch)``); e.g. to compute a loss on the same forward.
+
+    Every token the layer sees is counted, padding included.
+    """
+    tuner = unwrap_hydra_tuner(model)
+    adapter = tuner._known_adapter(adapter_name)
+    batches = list(batches)
+    if not batches:
+        raise ValueError("observe_routing got no batches: pass a non-empty iterable of model inputs.")
+    labels = list(labels) if labels is not None else [None] * len(batches)
+    if len(labels) != len(batches):
+        raise ValueError(f"got {len(batches)} batches but {len(labels)} labels: give one category label per batch.")
+    sums: dict[str, dict[Hashable, list]] = {}  # layer -> category -> [gate sum (N), entropy sum, tokens]
+    was_training = model.training
+    model.eval()
+    try:
+        with tuner.collect_router_stats():
+            for batch, label in zip(batches, labels):
+                tuner.reset_router_stats()
+                with tuner.observation_window():  # also when ``forward`` runs parts of the model directly
+                    (forward or _forward)(model, batch)
+                for name, s in tuner.router_stats(adapter)["layers"].items():
+                    acc = sums.setdefault(name, {}).setdefault(label, [0.0, 0.0, 0])
+                    acc[0] += torch.tensor(s["mean_gate"], dtype=torch.float64) * s["tokens"]
+                    acc[1] += s["entropy"] * s["tokens"]
+                    acc[2] += s["tokens"]
+    finally:
+        model.train(was_training)
+    return {
+        name: {c: {"mean_gate": (v[0] / v[2]).tolist(), "entropy": v[1] / v[2], "tokens": v[2]} for c, v in cats.items()}
+        for name, cats in sums.items()
+    }
+
+
+def layer_heads(layer, adapter: str) -> torch.Tensor:
+    """The B heads of ``adapter`` on a HydraLoRA layer as (out, N, r)."""
+    return layer.hydra_B[adapter].weight.unflatten(1, (layer.num_experts[adapter], -1))
+
+
+def report_from_observation(
+    model, observed: Mapping[str, Mapping[Hashable, Mapping[str, Any]]], adapter_name: Optional[str] = None,
+    labelled: bool = True, dead_fraction: float = DEAD_HEAD_FRACTION,
+) -> dict[str, Any]:  # fmt: skip
+    """The routing report (see :func:`routing_report`) from what :func:`observe_routing` returned."""
+    tuner = unwrap_hydra_tuner(model)
+    adapter = tuner._known_adapter(adapter_name)
+    if not observed:
+        raise ValueError(
+            f"No routed layer of adapter '{adapter}' saw a token: the adapter has no learned router (num_experts=1 "
+            "or fixed_gates), so there is no routing to report."
+        )
+    modules = dict(tuner.model.named_modules())
+    layers = {
+        name: layer_routing({c: v["mean_gate"] for c, v in per_cat.items()},
+                            {c: v["tokens"] for c, v in per_cat.items()},
+                            {c: v["entropy"] for c, v in per_cat.items()},
+                            heads=layer_heads(modules[name], adapter), dead_fraction=dead_fraction, labelled=labelled)
+        for name, per_cat in observed.items()
+    }  # fmt: skip
+    categories = list(dict.fromkeys(c for per_cat in observed.values() for c in per_cat)) if labelled else []
+    return {
+        "layers": layers,
+        "summary": summarize(layers),
+        "num_experts": len(next(iter(layers.values()))["usage"]),
+        "categories": categories,
+        "dead_fraction": dead_fraction,
+    }
+
+
 def routing_report(
     model,
     batches: Iterable,
@@ -189,57 +279,17 @@ def routing_report(
     Returns ``{"layers": {layer_name: stats}, "summary": {...}, "num_experts": N, "categories": [...]}``; ``stats``
     as described in :mod:`peft_hydra.routing`. Layers without a learned router are left out.
     """
-    tuner = unwrap_hydra_tuner(model)
-    adapter = tuner._known_adapter(adapter_name)
-    batches = list(batches)
+    if not isinstance(batches, (list, tuple)):
+        batches = list(batches)
     if not batches:
         raise ValueError("routing_report got no batches: pass a non-empty iterable of model inputs.")
-    labelled = labels is not None
-    labels = list(labels) if labelled else [None] * len(batches)
-    if len(labels) != len(batches):
+    if labels is not None and len(list(labels)) != len(batches):
         raise ValueError(
-            f"routing_report got {len(batches)} batches but {len(labels)} labels: give one category label per batch."
+            f"routing_report got {len(batches)} batches but {len(list(labels))} labels: give one category label per batch."
         )
-    sums: dict[str, dict[Hashable, list]] = {}  # layer -> category -> [gate sum (N), entropy sum, tokens]
-    was_training = model.training
-    model.eval()
-    try:
-        with tuner.collect_router_stats():
-            for batch, label in zip(batches, labels):
-                tuner.reset_router_stats()
-                _forward(model, batch)
-                for name, s in tuner.router_stats(adapter)["layers"].items():
-                    acc = sums.setdefault(name, {}).setdefault(label, [0.0, 0.0, 0])
-                    acc[0] += torch.tensor(s["mean_gate"], dtype=torch.float64) * s["tokens"]
-                    acc[1] += s["entropy"] * s["tokens"]
-                    acc[2] += s["tokens"]
-    finally:
-        model.train(was_training)
-    if not sums:
-        raise ValueError(
-            f"No routed layer of adapter '{adapter}' saw a token: the adapter has no learned router (num_experts=1 "
-            "or fixed_gates), so there is no routing to report."
-        )
-    modules = dict(tuner.model.named_modules())
-    layers = {}
-    for name, per_cat in sums.items():
-        layers[name] = layer_routing(
-            {c: (v[0] / v[2]).tolist() for c, v in per_cat.items()},
-            {c: v[2] for c, v in per_cat.items()},
-            {c: v[1] / v[2] for c, v in per_cat.items()},
-            heads=modules[name].hydra_B[adapter],
-            dead_fraction=dead_fraction,
-            labelled=labelled,
-        )
-    num_experts = len(next(iter(layers.values()))["usage"])
-    categories = list(dict.fromkeys(labels)) if labelled else []
-    return {
-        "layers": layers,
-        "summary": summarize(layers),
-        "num_experts": num_experts,
-        "categories": categories,
-        "dead_fraction": dead_fraction,
-    }
+    observed = observe_routing(model, batches, labels, adapter_name)
+    return report_from_observation(model, observed, adapter_name, labelled=labels is not None,
+                                   dead_fraction=dead_fraction)  # fmt: skip
 
 
 def format_routing_report(report: Mapping[str, Any], max_layers: Optional[int] = None) -> str:

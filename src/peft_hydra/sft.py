@@ -498,10 +498,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     output_dir = trainer.args.output_dir
-    trainer.save_model(output_dir)  # the adapter and its model card (PEFT's, with HydraLoRA's tags and snippet)
+    trainer.save_model(output_dir)  # the adapter and PEFT's model card
     trainer.save_state()  # trainer_state.json: the log history, router statistics included
     if trainer.is_world_process_zero():
+        from .standalone.card import write_model_card
+
         trainer.processing_class.save_pretrained(output_dir)
+        write_model_card(trainer.model, output_dir)  # PEFT's card + HydraLoRA's tags and usage snippet
         if os.path.exists(os.path.join(output_dir, "README.md")):
             _add_training_section(os.path.join(output_dir, "README.md"), trainer, argv)
         _log(f"done: {trainer.state.global_step} steps; adapter, model card, tokenizer and trainer_state.json in "

@@ -269,10 +269,14 @@ def train_run(base, spec, peft_config, common, train, eval_sets, cache, first_to
             while len(order) < bs:
                 order += torch.randperm(len(train), generator=g).tolist()
             batch, order = [train[i] for i in order[:bs]], order[bs:]
-            ce, _, _ = token_losses(inner, batch, cache, first_top_layer, device)
-            loss = ce.mean()
             if aux_fn is not None and spec.kind == "hydra":
-                loss = loss + aux_fn(step=step)
+                # token_losses runs parts of the model directly: open the window in which HydraLoRA observes its routers
+                with wrapper.base_model.observation_window():
+                    ce, _, _ = token_losses(inner, batch, cache, first_top_layer, device)
+                loss = ce.mean() + aux_fn(step=step)
+            else:
+                ce, _, _ = token_losses(inner, batch, cache, first_top_layer, device)
+                loss = ce.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, float(run_cfg.get("max_grad_norm", 1.0)))
@@ -307,61 +311,56 @@ def train_run(base, spec, peft_config, common, train, eval_sets, cache, first_to
 @torch.no_grad()
 def evaluate(wrapper, inner, spec, examples, cache, first_top_layer, run_cfg, router_by_category):
     device, bs = run_cfg["device"], int(run_cfg.get("eval_batch_size", run_cfg["batch_size"]))
-    tuner = getattr(wrapper, "base_model", None)
-    routed = router_by_category and spec.kind == "hydra" and hasattr(tuner, "router_stats")
+    routed = router_by_category and spec.kind == "hydra" and hasattr(getattr(wrapper, "base_model", None), "router_stats")
     routed = routed and all(getattr(c, "has_router", False) for c in getattr(wrapper, "peft_config", {}).values())
-    losses, exact, router, raw = [0.0] * len(examples), [False] * len(examples), {}, {}
+    losses, exact = [0.0] * len(examples), [False] * len(examples)
     by_cat: dict[str, list[int]] = {}
     for k, ex in enumerate(examples):
         by_cat.setdefault(ex["category"], []).append(k)
-    for cat, idxs in by_cat.items():
-        if routed:
-            tuner.reset_router_stats()
-        for s in range(0, len(idxs), bs):
-            ks = idxs[s : s + bs]
-            ce, correct, rows = token_losses(inner, [examples[k] for k in ks], cache, first_top_layer, device)
-            for j, k in enumerate(ks):
-                sel = rows == j
-                losses[k] = float(ce[sel].mean())
-                exact[k] = bool(correct[sel].all())
-        if routed:
-            stats = tuner.router_stats()
-            if stats["layers"]:
-                router[cat] = {name: st["mean_gate"] for name, st in stats["layers"].items()}
-                raw[cat] = stats["layers"]
+    chunks = [(cat, idxs[s : s + bs]) for cat, idxs in by_cat.items() for s in range(0, len(idxs), bs)]
+
+    def run(_model, ks):
+        ce, correct, rows = token_losses(inner, [examples[k] for k in ks], cache, first_top_layer, device)
+        for j, k in enumerate(ks):
+            sel = rows == j
+            losses[k] = float(ce[sel].mean())
+            exact[k] = bool(correct[sel].all())
+
     out = {"losses": losses, "exact": exact}
-    if routed:
-        out["router"] = router
-        if raw:
-            out["routing"] = routing_by_category(wrapper, raw)
+    if not routed:
+        for _, ks in chunks:
+            run(inner, ks)
+        return out
+    from peft_hydra.routing import observe_routing
+
+    # the package's one runner of batches with the routers observed: {layer: {category: mean gate, entropy, tokens}}
+    observed = observe_routing(wrapper, [ks for _, ks in chunks], labels=[cat for cat, _ in chunks], forward=run)
+    out["router"] = {cat: {name: per_cat[cat]["mean_gate"] for name, per_cat in observed.items() if cat in per_cat}
+                     for cat in by_cat if any(cat in per_cat for per_cat in observed.values())}  # fmt: skip
+    if observed:
+        out["routing"] = routing_by_category(wrapper, observed)
     return out
 
 
-def routing_by_category(wrapper, raw: dict) -> dict:
+def routing_by_category(wrapper, observed: dict) -> dict:
     """The routing report (``peft_hydra.routing``: per layer the normalised mutual information between category and
     the soft gates, head usage, dead heads, entropies, B-head similarity; median / max over layers) from the
-    per-category router statistics ``raw[category][layer] = {"mean_gate", "entropy", "tokens"}`` of an evaluation,
-    plus ``health``: the uniform / collapse warnings of ``routing.router_health`` on the whole eval set."""
+    per-category router statistics of an evaluation (``peft_hydra.observe_routing``: ``{layer: {category:
+    {"mean_gate", "entropy", "tokens"}}}``), plus ``health``: the uniform / collapse warnings of
+    ``routing.router_health`` on the whole eval set."""
     import math
 
     from peft_hydra import routing
 
-    adapter = wrapper.active_adapter if isinstance(wrapper.active_adapter, str) else wrapper.active_adapter[0]
-    modules = dict(wrapper.base_model.model.named_modules())
-    layers = {}
-    for name in next(iter(raw.values())):
-        cats = [c for c in raw if name in raw[c] and raw[c][name]["tokens"]]
-        st = routing.layer_routing({c: raw[c][name]["mean_gate"] for c in cats},
-                                   {c: raw[c][name]["tokens"] for c in cats},
-                                   {c: raw[c][name]["entropy"] for c in cats},
-                                   heads=modules[name].hydra_B[adapter])  # fmt: skip
+    report = routing.report_from_observation(wrapper, observed)
+    layers = report["layers"]
+    for st in layers.values():
         st.pop("category_gates", None)
         st.pop("category_tokens", None)
-        layers[name] = st
-    n = len(next(iter(layers.values()))["usage"])
+    n = report["num_experts"]
     health = routing.router_health({k: {"mean_gate": v["usage"], "entropy": v["token_entropy"] * math.log(n)}
                                     for k, v in layers.items()})  # fmt: skip
-    return {"layers": layers, "summary": routing.summarize(layers), "num_experts": n, "health": health}
+    return {"layers": layers, "summary": report["summary"], "num_experts": n, "health": health}
 
 
 @torch.no_grad()

@@ -1,17 +1,13 @@
-"""Hub sharing: the model card of a HydraLoRA adapter, and a ``push_to_hub`` that keeps it.
+"""The model card of a HydraLoRA adapter, and a ``push_to_hub`` that keeps it. Patches nothing.
 
-``import peft_hydra`` changes no class of PEFT or transformers. What a HydraLoRA adapter's card needs comes from:
-
-- Tags ``hydralora`` and ``peft-hydra``: ``PreTrainedModel.add_model_tags`` on the base model when the HydraLoRA tuner
-  is created (:func:`tag_model`). PEFT's card writer (``PeftModel.create_or_update_model_card``) reads these tags.
-- The "How to Get Started" snippet (``import peft_hydra`` first, then the class the adapter was trained on) and a
-  ``push_to_hub`` that keeps PEFT's card: PEFT offers no hook for card text, and transformers' ``push_to_hub``
-  (which ``PeftModel`` inherits) replaces the card written by ``save_pretrained`` with a ``library_name:
-  transformers`` one. So these two methods are overridden on the INSTANCE, only for a ``PeftModel`` whose tuner is
-  HydraLoRA (:func:`attach_to_peft_model`, called by ``HydraLoraModel.__init__``). Every other PEFT model, and the
-  ``PeftModel`` class itself, are untouched. The override calls PEFT's own card writer first and then adds the tags a
-  previous card had (PEFT drops them) and the snippet; ``push_to_hub`` starts from the remote card when there is one
-  (so hand edits survive), saves with ``save_pretrained`` and uploads the folder with ``HfApi.upload_folder``.
+- Tags ``hydralora`` and ``peft-hydra``: ``PreTrainedModel.add_model_tags`` on the base model when the tuner is created
+  (:func:`tag_model`); PEFT's own card writer (``save_pretrained``) puts them into the card.
+- The usage snippet (``import peft_hydra`` first, then the class the adapter was trained on): PEFT offers no hook for
+  card text, so :func:`write_model_card` adds it to a saved adapter's card (call it after ``save_pretrained``), and
+  :func:`push_to_hub` uploads an adapter with it. transformers' ``push_to_hub``, which
+  ``PeftModel`` inherits, replaces the card of a new repository with a ``library_name: transformers`` one; ours
+  starts from the remote card when there is one (so hand edits survive), saves with ``save_pretrained`` and uploads
+  the folder with ``HfApi.upload_folder``.
 """
 
 from __future__ import annotations
@@ -19,12 +15,11 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-import types
 from typing import Optional
 
-from .config import PEFT_TYPE_NAME
+from ..config import PEFT_TYPE_NAME
 
-__all__ = ["HUB_TAGS", "attach_to_peft_model", "is_hydra_peft_model", "tag_model", "update_model_card", "usage_snippet"]
+__all__ = ["HUB_TAGS", "is_hydra_peft_model", "push_to_hub", "tag_model", "update_model_card", "usage_snippet", "write_model_card"]
 
 HUB_TAGS = ("hydralora", "peft-hydra")
 _BEGIN = "<!-- peft-hydra usage: begin -->"
@@ -36,28 +31,6 @@ def tag_model(model) -> None:
     """Add :data:`HUB_TAGS` to ``model.model_tags`` (transformers' mechanism, read by PEFT's card writer)."""
     if hasattr(model, "add_model_tags"):
         model.add_model_tags(list(HUB_TAGS))
-
-
-def attach_to_peft_model(tuner) -> None:
-    """Give the ``PeftModel`` that is about to hold ``tuner`` (a ``HydraLoraModel``) the HydraLoRA card methods.
-
-    ``PeftModel.__init__`` creates the tuner and assigns it to ``self.base_model`` right after; the tuner never sees
-    the ``PeftModel``. A one-shot module-registration hook catches that assignment and then removes itself (it is
-    also removed by the first other registration, e.g. when the tuner is used without a ``PeftModel``).
-    """
-    from torch.nn.modules.module import register_module_module_registration_hook
-
-    def hook(module, name, submodule):
-        handle.remove()
-        if submodule is tuner and name == "base_model":
-            _override_card_methods(module)
-
-    handle = register_module_module_registration_hook(hook)
-
-
-def _override_card_methods(peft_model) -> None:
-    for name, method in (("create_or_update_model_card", _create_or_update_model_card), ("push_to_hub", _push_to_hub)):
-        object.__setattr__(peft_model, name, types.MethodType(method, peft_model))
 
 
 def is_hydra_peft_model(model) -> bool:
@@ -121,20 +94,21 @@ def update_model_card(path: str, peft_model, adapter_ref: str = ADAPTER_PLACEHOL
     card.save(path)
 
 
-def _create_or_update_model_card(self, output_dir: str):
-    """PEFT's card, then the tags an existing card had (PEFT replaces them) and the HydraLoRA usage snippet."""
-    path = os.path.join(output_dir, "README.md")
+def write_model_card(model, save_directory: str, adapter_ref: str = ADAPTER_PLACEHOLDER) -> None:
+    """The card of the adapter saved in ``save_directory``: PEFT's card (``model.create_or_update_model_card``), the
+    tags it had kept, the HydraLoRA tags and the usage snippet (``adapter_ref``: the repo id or path to load from)."""
+    path = os.path.join(save_directory, "README.md")
     kept_tags = ()
     if os.path.exists(path):
         from huggingface_hub import ModelCard
 
         kept_tags = tuple(ModelCard.load(path).data.tags or ())
-    type(self).create_or_update_model_card(self, output_dir)
-    update_model_card(path, self, tags=kept_tags)
+    model.create_or_update_model_card(save_directory)
+    update_model_card(path, model, adapter_ref=adapter_ref, tags=kept_tags)
 
 
-def _push_to_hub(
-    self,
+def push_to_hub(
+    model,
     repo_id: str,
     *,
     commit_message: Optional[str] = None,
@@ -146,7 +120,8 @@ def _push_to_hub(
     tags: Optional[list[str]] = None,
     **save_kwargs,
 ):
-    """Upload the adapter with its HydraLoRA card to ``repo_id``; other keyword arguments go to ``save_pretrained``
+    """Upload the adapter of ``model`` (a PeftModel) with its HydraLoRA card to ``repo_id``; other keyword arguments go
+    to ``save_pretrained``
     (e.g. ``max_shard_size``, ``safe_serialization``, ``selected_adapters``)."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
@@ -159,11 +134,15 @@ def _push_to_hub(
             remote = api.hf_hub_download(repo_id, "README.md", revision=revision, token=token)
         except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
             remote = None
+        kept_tags: tuple = ()
         if remote is not None:
             with open(remote, encoding="utf-8") as src, open(readme, "w", encoding="utf-8") as dst:
                 dst.write(src.read())
-        self.save_pretrained(tmp, **save_kwargs)
-        update_model_card(readme, self, adapter_ref=repo_id, tags=tags or ())
+            from huggingface_hub import ModelCard
+
+            kept_tags = tuple(ModelCard.load(readme).data.tags or ())  # PEFT's card writer replaces them
+        model.save_pretrained(tmp, **save_kwargs)
+        update_model_card(readme, model, adapter_ref=repo_id, tags=(*kept_tags, *(tags or ())))
         return api.upload_folder(
             repo_id=repo_id,
             folder_path=tmp,

@@ -1,18 +1,19 @@
-"""Every PEFT internal that peft-hydra relies on, feature-detected in this one module.
+"""Every PEFT internal that peft-hydra relies on, feature-detected in this one module (the tuner files import these
+names from here; copied into a peft source tree they import them from peft itself).
 
 Supported: peft 0.18.0 and newer (tested 0.18.0 through :data:`TESTED_PEFT_MAX`). What differs across that range, and
 what this module does about it (checked in each release's source):
 
 - ``_get_tuner_state_dict_key_prefixes``, ``BaseTuner._remove_adapter_name_from_key`` and the load hook
   ``BaseTuner._remap_adapter_state_dict_for_load`` appeared in 0.21.0: on older peft the first two are replaced by
-  the equivalent functions below, and the strict checkpoint check runs from the tuner's ``_load_from_state_dict``
+  the equivalent functions below, and the upgrade and strict check of a checkpoint run from ``_load_from_state_dict``
   while :func:`peft.set_peft_model_state_dict` is loading (see :func:`enclosing_peft_load`), since PEFT < 0.21
   never calls the tuner on load.
 - Before 0.20.0 (``_filter_state_dict_for_adapter_name``, PEFT PR #3282) PEFT saved every adapter's tensors into each
   adapter's file: on that peft the tuner drops the other adapters' tensors from the state dict that
   :func:`peft.get_peft_model_state_dict` reads (see :func:`enclosing_peft_save`).
-- 0.21.1 re-creates ``ParameterDict`` entries as new (trainable) Parameters when it upcasts adapter weights
-  (``cast_adapter_dtype``): the tuner restores ``requires_grad`` around it on every version.
+
+The tuner subclass that applies these on older peft is ``peft_hydra.standalone.tuner``.
 
 A private name that a future peft drops fails here, at ``import peft_hydra``, with an ImportError that names the
 installed peft version and the supported range, instead of a bare ImportError/AttributeError deep in a forward.
@@ -70,18 +71,18 @@ BaseTuner = _import("peft.tuners.tuners_utils", "BaseTuner")
 BaseTunerLayer = _import("peft.tuners.tuners_utils", "BaseTunerLayer")
 check_adapters_to_merge = _import("peft.tuners.tuners_utils", "check_adapters_to_merge")
 _get_in_out_features = _import("peft.tuners.tuners_utils", "_get_in_out_features")
-BufferDict = _import("peft.tuners._buffer_dict", "BufferDict")
 transpose = _import("peft.utils.other", "transpose")
 get_pattern_key = _import("peft.utils.other", "get_pattern_key")
 TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING = _import(
     "peft.utils", "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING"
 )
 _save_and_load = _import("peft.utils", "save_and_load")
+dequantize_bnb_weight = _import("peft.utils.integrations", "dequantize_bnb_weight")  # merging into bitsandbytes 8-bit
 
 #: BaseTuner / BaseTunerLayer methods the tuner overrides or calls (private, stable since 0.18.0).
 REQUIRED_METHODS = {
     BaseTuner: ("_create_and_replace", "_check_new_adapter_config", "_replace_module", "_check_merge_allowed",
-                "_cast_adapter_dtype", "_mark_only_adapters_as_trainable",
+                "_mark_only_adapters_as_trainable",
                 "inject_adapter", "merge_and_unload", "unload"),
     BaseTunerLayer: ("_cast_input_dtype", "_move_adapter_to_device_of_base_layer", "set_adapter", "delete_adapter",
                      "get_base_layer"),
@@ -112,17 +113,10 @@ def _remove_adapter_name_from_key_fallback(key: str, adapter_name: str) -> str:
     peft >= 0.21 and the key rule of ``get_peft_model_state_dict`` before it."""
     if "." not in key:
         return key
-    if key.endswith(f".{adapter_name}"):  # an nn.Parameter entry of a ParameterDict (hydra_B)
+    if key.endswith(f".{adapter_name}"):  # a parameter held directly in a per-adapter dict
         return key.removesuffix(f".{adapter_name}")
     key, _, suffix = key.rpartition(".")  # e.g. q_proj.hydra_A.default + weight
     return f"{re.sub(re.escape(f'.{adapter_name}') + r'$', '', key)}.{suffix}"
-
-
-def remove_adapter_name_from_key(tuner_cls: type, key: str, adapter_name: str) -> str:
-    method = getattr(tuner_cls, "_remove_adapter_name_from_key", None)
-    if method is not None:
-        return method(key, adapter_name)
-    return _remove_adapter_name_from_key_fallback(key, adapter_name)
 
 
 def _tuner_state_dict_key_prefixes_fallback(model: nn.Module, adapter_name: Optional[str] = None) -> set[str]:
@@ -150,7 +144,7 @@ def _tuner_state_dict_key_prefixes_fallback(model: nn.Module, adapter_name: Opti
                 continue
             prefix = f"{module_name}.{name}" if module_name else name
             child = getattr(module, name)
-            if adapter_name is not None and isinstance(child, (nn.ModuleDict, nn.ParameterDict, BufferDict)):
+            if adapter_name is not None and isinstance(child, (nn.ModuleDict, nn.ParameterDict)):
                 if adapter_name in child:
                     prefixes.add(f"{prefix}.{adapter_name}")
             else:
@@ -159,9 +153,9 @@ def _tuner_state_dict_key_prefixes_fallback(model: nn.Module, adapter_name: Opti
 
 
 try:
-    from peft.tuners.tuners_utils import _get_tuner_state_dict_key_prefixes as tuner_state_dict_key_prefixes
+    from peft.tuners.tuners_utils import _get_tuner_state_dict_key_prefixes
 except ImportError:  # peft < 0.21
-    tuner_state_dict_key_prefixes = _tuner_state_dict_key_prefixes_fallback
+    _get_tuner_state_dict_key_prefixes = _tuner_state_dict_key_prefixes_fallback
 
 
 # ------------------------------------------------------- the tuner's save / load hooks on peft without native ones
@@ -198,8 +192,3 @@ def enclosing_peft_save() -> Optional[tuple[nn.Module, str]]:
     """On peft < 0.20 (which saves every adapter's tensors into each file): ``(model, adapter_name)`` of the running
     ``get_peft_model_state_dict`` when it reads ``model.state_dict()`` itself, else None."""
     return None if NATIVE_SAVE_FILTER else _enclosing_model_and_adapter(_save_and_load.get_peft_model_state_dict)
-
-
-def dequantize_bnb_weight():
-    """``peft.utils.integrations.dequantize_bnb_weight`` (used to merge into bitsandbytes layers)."""
-    return _import("peft.utils.integrations", "dequantize_bnb_weight")
