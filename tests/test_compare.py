@@ -70,7 +70,43 @@ def write_cfg(tmp_path, **over):
     return str(p)
 
 
-def test_end_to_end_results_schema(tmp_path, capsys):
+@pytest.fixture
+def tuner_internals_hidden_from_the_harness(monkeypatch):
+    """The harness as any user's program: what is not the tuner's public API (private attributes, the layers'
+    per-adapter containers such as ``hydra_B``) raises when code under ``peft_hydra/compare/`` reads it from a tuner
+    object; the tuner's own code, called by the harness, reads it as usual."""
+    from pathlib import Path
+
+    from peft_hydra import HydraLoraLayer, HydraLoraModel, HydraRouter
+
+    compare_dir = str(Path(peft_hydra.__file__).resolve().parent / "compare")
+    internal = set(HydraLoraLayer.adapter_layer_names) | set(HydraLoraLayer.other_param_names)
+
+    def hide(cls):
+        original = cls.__getattribute__
+
+        def guarded(self, name):
+            if (name.startswith("_") and not name.startswith("__")) or name in internal:
+                if sys._getframe(1).f_code.co_filename.startswith(compare_dir):
+                    raise RuntimeError(f"the comparison harness reads {type(self).__name__}.{name}: not public API")
+            return original(self, name)
+
+        monkeypatch.setattr(cls, "__getattribute__", guarded)
+
+    for cls in (HydraLoraModel, HydraLoraLayer, HydraRouter):
+        hide(cls)
+    return compare_dir
+
+
+def test_end_to_end_results_schema(tmp_path, capsys, tuner_internals_hidden_from_the_harness):
+    """The whole harness on the tiny model, reading only the tuner's public API (router statistics, routing report,
+    export) while it trains, evaluates and reports."""
+    probe = peft.get_peft_model(  # the guard itself: a read of an internal from harness code fails
+        load_model(TINY)[0], peft_hydra.HydraLoraConfig(r=2, num_experts=2, target_modules=["q_proj"])
+    )
+    harness_code = compile("tuner._hydra_layers", os.path.join(tuner_internals_hidden_from_the_harness, "x.py"), "eval")
+    with pytest.raises(RuntimeError, match="not public API"):
+        eval(harness_code, {"tuner": probe.base_model})
     out = tmp_path / "out"
     assert main(["compare", "--config", write_cfg(tmp_path), "--output", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
