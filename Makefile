@@ -137,3 +137,37 @@ gpu-bench:
 	python3 benchmarks/gpu_all.py --out $(GPU_OUT) --wheels $(wildcard .gpu_wheels/a .gpu_wheels/b)
 gpu-dry-run: setup
 	$(BIN)/python benchmarks/gpu_all.py --dry-run --out runs/gpu_dry
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The fine-tuning frameworks (src/peft_hydra/frameworks; docs/training.md): each at its current release in its own
+# virtual environment with the pins it declares (torch pinned to the CPU build), then tests/test_frameworks.py there:
+# the framework's own command trains a tiny Llama with HydraLoRA, the adapter reloads with plain PEFT, the merge
+# command refuses the learned router. A framework that does not install fails its job (pip's error, then the pins).
+#   make test-frameworks          -> all three (CI runs them beside the main suite)
+#   make test-framework-axolotl   -> one of them (also -swift, -llamafactory)
+FRAMEWORKS := axolotl swift llamafactory
+FRAMEWORK_PINS_axolotl := axolotl==0.19.*
+FRAMEWORK_PINS_swift := ms-swift==4.6.*
+FRAMEWORK_PINS_llamafactory := llamafactory==0.9.5
+# besides the framework: the test runner, and scikit-learn for num_experts: auto
+FRAMEWORK_DEPS := pytest scikit-learn
+# LLaMA-Factory pulls a torchvision (and torchaudio) built for another torch, which breaks `import transformers` here
+# (operator torchvision::nms does not exist); its v1 engine imports neither
+FRAMEWORK_FIX_llamafactory := .venv-llamafactory/bin/python -m pip uninstall -q -y torchvision torchaudio
+
+# --no-compile: no byte-compiling of every installed file (what the tests import compiles on first use), which
+# takes most of an install's CPU time (ms-swift: 65 s -> 25 s user+sys)
+$(FRAMEWORKS:%=.venv-%/.installed): .venv-%/.installed: .venv-%/.base setup.cfg setup.py pyproject.toml
+	.venv-$*/bin/python -m pip install -q --no-compile -c .venv-$*/constraints.txt $(FRAMEWORK_PINS_$*) $(FRAMEWORK_DEPS) \
+		|| { echo "test-framework-$*: $(FRAMEWORK_PINS_$*) does not install with $(TORCH_PIN) (pip's error above)"; exit 1; }
+	$(INSTALL_LOCK) .venv-$*/bin/python -m pip install -q --no-compile -c .venv-$*/constraints.txt -e . $(FRAMEWORK_PINS_$*) \
+		|| { echo "test-framework-$*: peft-hydra does not install beside $(FRAMEWORK_PINS_$*) (pip's error above)"; exit 1; }
+	$(FRAMEWORK_FIX_$*)
+	touch $@
+
+.PHONY: test-frameworks $(FRAMEWORKS:%=test-framework-%)
+test-frameworks: $(FRAMEWORKS:%=test-framework-%)
+$(FRAMEWORKS:%=test-framework-%): test-framework-%: .venv-%/.installed
+	@.venv-$*/bin/python -m pip list 2>/dev/null | grep -iE '^(axolotl|ms-swift|ms_swift|llamafactory|peft|transformers|trl|torch) ' \
+		| tr -s ' ' | paste -sd, | sed 's/^/test-framework-$*: /'
+	PEFT_HYDRA_FRAMEWORK=$* $(MATRIX_ENV) .venv-$*/bin/python -m pytest -q -p no:cacheprovider tests/test_frameworks.py $(PYTEST_ARGS)

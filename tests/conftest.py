@@ -11,12 +11,18 @@ Keep this module small and generic: other test modules (tuner, comparison harnes
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
 import pytest
 import torch
 
 import peft_hydra  # noqa: F401  (registers the HYDRALORA PEFT type for every test)
 
 VOCAB = 96
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_tiny_llama(seed: int = 0, **overrides):
@@ -109,3 +115,68 @@ def pack_4bit_for_cpu(model) -> int:
                 )
             packed += 1
     return packed
+
+
+def word_tokenizer():
+    """A word-level tokenizer for the tiny models, built offline: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3 and
+    the words ``w4`` ... ``w95`` (token id = the number), split on whitespace."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+# ------------------------------------------------------------------------------------- fresh installs
+# `pip install peft-hydra` (regular and editable) into a new virtual environment, built once per test session and
+# shared by tests/test_package.py and tests/test_lm_eval.py. The new environment sees this environment's packages
+# (torch, peft, transformers, lm-eval, setuptools) through a .pth line, so only peft-hydra itself is installed (no
+# download). Every check runs in a fresh interpreter of that environment that never imports peft_hydra: the start-up
+# hook installed with the package (src/_peft_hydra_autoload.py) must register HydraLoRA whichever way peft gets
+# imported.
+def fresh_install(kind: str, tmp_path_factory) -> tuple[Path, Path]:
+    """(python, site-packages) of a new virtual environment with this repository installed (``kind``: "regular" or
+    "editable"); created on first use in the session's temporary folder and reused after that."""
+    venv = tmp_path_factory.getbasetemp() / f"fresh-install-{kind}"
+    python = venv / "bin" / "python"
+    ready = venv / "ready"
+    if not ready.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", "--without-pip", str(venv)], check=True, timeout=300)
+        site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        # this environment's site-packages (pip and setuptools too) as a plain path entry: its .pth files (our hook
+        # among them) do not run there
+        Path(site, "outer-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+        install = [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+        proc = subprocess.run([*install, *(["-e"] if kind == "editable" else []), str(REPO)], capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert Path(site, "peft_hydra-autoload.pth").read_text().strip() == "import _peft_hydra_autoload"
+        ready.write_text(site)
+    return python, Path(ready.read_text())
+
+
+def tiny_base_and_adapter(tmp_path_factory) -> Path:
+    """A folder with ``base/`` (a tiny Llama with a word-level tokenizer, as a local model folder), ``adapter/`` (a
+    HydraLoRA adapter whose adapter_config.json names that folder as its base model; random B, so it changes the
+    outputs) and ``probe.pt`` (input ids and the adapted model's logits). Made once per session."""
+    folder = tmp_path_factory.getbasetemp() / "tiny-base-and-adapter"
+    if (folder / "probe.pt").exists():
+        return folder
+    import torch
+    from peft import get_peft_model
+    from transformers import LlamaForCausalLM
+
+    make_tiny_llama().save_pretrained(folder / "base")
+    word_tokenizer().save_pretrained(folder / "base")
+    config = peft_hydra.HydraLoraConfig(r=2, num_experts=2, target_modules=["q_proj", "v_proj"], init_weights=False)
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(folder / "base"), config).eval()
+    model.save_pretrained(folder / "adapter")
+    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model(input_ids=ids).logits}, folder / "probe.pt")
+    return folder

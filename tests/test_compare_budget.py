@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import peft_hydra  # noqa: F401
+from peft_hydra.compare import ConfigError
 from peft_hydra.compare.methods import (
     METHODS,
-    BudgetError,
     build_peft_config,
     count_trainable,
     max_rank,
@@ -83,7 +83,7 @@ def test_budget_too_small_is_flagged_and_no_method_is_an_error():
     specs = method_specs(["lora", "hydralora"], {})
     solved = {s.name: solve_budget(meta_model(), s, 100, common(), tol=0.05) for s in specs}
     assert all(s.r == 1 and s.too_small and "budget too small" in s.note for s in solved.values())
-    with pytest.raises(BudgetError, match="No method can meet the budget of 100.*Raise `budget` to at least"):
+    with pytest.raises(ConfigError, match="No method can meet the budget of 100.*Raise `budget` to at least"):
         check_budgets(100, solved, specs, 0.05)
     # one method meeting it is enough: the others are reported as the nearest achievable
     lora_size = count_trainable(meta_model(), specs[0], 1, -1, common())
@@ -93,7 +93,7 @@ def test_budget_too_small_is_flagged_and_no_method_is_an_error():
 
 
 def test_unknown_method_is_refused():
-    with pytest.raises(ValueError, match="Unknown method 'dora'.*known methods"):
+    with pytest.raises(ConfigError, match="Unknown method 'dora'.*known methods"):
         method_specs(["dora"], {})
 
 

@@ -6,7 +6,7 @@ import json
 import yaml
 
 from peft_hydra.compare import data as D
-from peft_hydra.compare.cli import main
+from peft_hydra.cli import main
 
 TINY = {"name": "tiny-random", "config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3}}
 

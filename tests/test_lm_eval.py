@@ -1,5 +1,5 @@
 """EleutherAI's lm-evaluation-harness evaluates a HydraLoRA adapter from its command line, offline, on a local task,
-in a fresh environment with peft-hydra installed (regular and editable) and no `import peft_hydra` anywhere:
+in a fresh environment with peft-hydra installed (as users install it) and no `import peft_hydra` anywhere:
 
     lm_eval run --model hf --model_args pretrained=BASE_DIR,peft=ADAPTER_DIR --tasks TASK --include_path TASK_DIR \\
         --device cpu --batch_size 1 --output_path OUT --log_samples
@@ -18,7 +18,7 @@ import subprocess
 import pytest
 import torch
 
-from test_package import INSTALLS, fresh_install, tiny_base_and_adapter
+from conftest import fresh_install, tiny_base_and_adapter
 
 pytest.importorskip("lm_eval")
 
@@ -50,9 +50,8 @@ def _loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", INSTALLS)
-def test_lm_eval_cli_evaluates_a_hydralora_adapter(tmp_path_factory, tmp_path, kind):
-    python, _ = fresh_install(kind, tmp_path_factory)
+def test_lm_eval_cli_evaluates_a_hydralora_adapter(tmp_path_factory, tmp_path):
+    python, _ = fresh_install("regular", tmp_path_factory)
     folder = tiny_base_and_adapter(tmp_path_factory)
     data = tmp_path / "hydra_tiny.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))

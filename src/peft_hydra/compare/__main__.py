@@ -1,5 +1,7 @@
+"""``python -m peft_hydra.compare --config ...`` is ``peft-hydra compare --config ...``."""
+
+import runpy
 import sys
 
-from .cli import main
-
-sys.exit(main(["compare", *sys.argv[1:]]) if sys.argv[1:2] != ["compare"] else main())
+sys.argv[1:1] = ["compare"]
+runpy.run_module("_peft_hydra_cli", run_name="__main__")

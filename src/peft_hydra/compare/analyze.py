@@ -26,11 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import ConfigError
+from .tables import md_table
+
 ANALYSIS_DEFAULTS = {"groups": "source", "inits": ["same", "different"], "steps": None, "lr": None, "seed": 0}
-
-
-class AnalysisConfigError(ValueError):
-    pass
 
 
 def subspace_similarity(X: np.ndarray, Y: np.ndarray) -> float:
@@ -77,7 +76,7 @@ def lora_matrices(wrapper) -> dict[str, dict[str, np.ndarray]]:
             out[short] = {"A": mod.lora_A["default"].weight.detach().cpu().float().numpy().copy(),
                           "B": mod.lora_B["default"].weight.detach().cpu().float().numpy().copy()}  # fmt: skip
     if not out:
-        raise RuntimeError("No LoRA modules found in the trained model.")
+        raise ConfigError("No LoRA modules found in the trained model: the config's `target_modules` match no module.")
     return out
 
 
@@ -97,44 +96,44 @@ def resolve_groups(spec, train: list[dict]) -> dict[str, list[str]]:
         groups = {str(k): list(v) for k, v in spec.items()}
         unknown = sorted({c for v in groups.values() for c in v} - set(all_cats))
         if unknown:
-            raise AnalysisConfigError(f"analysis.groups: categories {unknown} are not in the training data "
+            raise ConfigError(f"analysis.groups: categories {unknown} are not in the training data "
                                       f"(it has {all_cats}).")  # fmt: skip
     else:
-        raise AnalysisConfigError(
+        raise ConfigError(
             f"analysis.groups must be 'source', 'category' or a mapping {{group: [categories]}}, got {spec!r}."
         )
     if len(groups) < 2:
-        raise AnalysisConfigError(f"Observation II needs at least 2 groups of categories, got {list(groups)}.")
+        raise ConfigError(f"Observation II needs at least 2 groups of categories, got {list(groups)}.")
     return groups
 
 
 def analysis_options(raw) -> dict[str, Any]:
     """The config's ``analysis:`` mapping with its defaults, every value checked (a clear error, nothing ignored)."""
     if raw is not None and not isinstance(raw, dict):
-        raise AnalysisConfigError(f"`analysis` must be a mapping of {sorted(ANALYSIS_DEFAULTS)}, got {raw!r}.")
+        raise ConfigError(f"`analysis` must be a mapping of {sorted(ANALYSIS_DEFAULTS)}, got {raw!r}.")
     acfg = {**ANALYSIS_DEFAULTS, **(raw or {})}
     unknown = sorted(set(acfg) - set(ANALYSIS_DEFAULTS))
     if unknown:
-        raise AnalysisConfigError(f"Unknown analysis field(s) {unknown}; allowed: {sorted(ANALYSIS_DEFAULTS)}.")
+        raise ConfigError(f"Unknown analysis field(s) {unknown}; allowed: {sorted(ANALYSIS_DEFAULTS)}.")
     inits = acfg["inits"]
     if not isinstance(inits, list) or not inits or len(set(inits)) != len(inits) or set(inits) - {"same", "different"}:
-        raise AnalysisConfigError(f"analysis.inits must list 'same' and/or 'different', each once, got {inits!r}.")
+        raise ConfigError(f"analysis.inits must list 'same' and/or 'different', each once, got {inits!r}.")
     steps, lr, seed = acfg["steps"], acfg["lr"], acfg["seed"]
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise AnalysisConfigError(f"analysis.steps must be null (the config's steps) or an integer >= 1, got {steps!r}.")
+        raise ConfigError(f"analysis.steps must be null (the config's steps) or an integer >= 1, got {steps!r}.")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
-        raise AnalysisConfigError(f"analysis.lr must be null (the middle of lr_sweep) or a number > 0, got {lr!r}.")
+        raise ConfigError(f"analysis.lr must be null (the middle of lr_sweep) or a number > 0, got {lr!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise AnalysisConfigError(f"analysis.seed must be an integer, got {seed!r}.")
+        raise ConfigError(f"analysis.seed must be an integer, got {seed!r}.")
     groups = acfg["groups"]
     if isinstance(groups, dict):
         seen: dict[str, str] = {}
         for name, cats in groups.items():
             if not isinstance(cats, list) or not cats:
-                raise AnalysisConfigError(f"analysis.groups[{name!r}] must be a non-empty list of categories, got {cats!r}.")
+                raise ConfigError(f"analysis.groups[{name!r}] must be a non-empty list of categories, got {cats!r}.")
             for c in cats:
                 if c in seen:
-                    raise AnalysisConfigError(
+                    raise ConfigError(
                         f"analysis.groups: category {c!r} is in both {seen[c]!r} and {name!r}; groups must be disjoint."
                     )
                 seen[c] = name
@@ -145,7 +144,7 @@ def run_analysis(cfg: dict, output_dir: str, command: str, log=print) -> dict[st
     import peft
 
     from .methods import MethodSpec
-    from .report import bootstrap_mean
+    from .stats import bootstrap_mean
     from .run import machine_info, prepare
     from .train import train_run
 
@@ -268,26 +267,23 @@ def markdown(res: dict, plots: list[str]) -> str:
              "independent Gaussian matrices of the same shapes.")
     L.append("")
     L.append("## Groups")
-    L.append("| init | group | categories | train examples | seed | eval loss (own group) |")
-    L.append("|---|---|---|---|---|---|")
+    rows = []
     for init, c in res["conditions"].items():
         for g, info in c["groups"].items():
             cats = res["groups"][g]
-            cs = ", ".join(cats) if len(cats) <= 4 else f"{len(cats)} categories"
-            L.append(f"| {init} | {g} | {cs} | {info['n_train']} | {info['seed']} | "
-                     + (f"{info['eval_loss']:.4f}" if info["eval_loss"] is not None else "-") + " |")  # fmt: skip
+            rows.append([init, g, ", ".join(cats) if len(cats) <= 4 else f"{len(cats)} categories", info["n_train"],
+                         info["seed"], "-" if info["eval_loss"] is None else f"{info['eval_loss']:.4f}"])  # fmt: skip
+    L += md_table(["init", "group", "categories", "train examples", "seed", "eval loss (own group)"], rows)
     L.append("")
     L.append("## Similarities across groups (mean [95% CI] over modules x group pairs)")
-    L.append("| init | A subspace | B subspace | A cosine | B cosine | random A subspace | random B subspace | "
-             "A moved from init | A subspace at init |")
-    L.append("|---" * 9 + "|")
+    rows = []
     for init, c in res["conditions"].items():
         m, rb, i = c["metrics"], c["random_baseline"], c["init"]
-        L.append(f"| {init} | {m['A_subspace']['mean']:.3f} {_ci(m['A_subspace'])} | {m['B_subspace']['mean']:.3f} "
-                 f"{_ci(m['B_subspace'])} | {m['A_cosine']['mean']:.3f} {_ci(m['A_cosine'])} | "
-                 f"{m['B_cosine']['mean']:.3f} {_ci(m['B_cosine'])} | {rb['A_subspace']['mean']:.3f} | "
-                 f"{rb['B_subspace']['mean']:.3f} | {i['A_rel_change_from_init']['mean']:.1%} | "
-                 f"{i['A_init_subspace_similarity']['mean']:.3f} |")  # fmt: skip
+        rows.append([init, *(f"{m[k]['mean']:.3f} {_ci(m[k])}" for k in ("A_subspace", "B_subspace", "A_cosine",
+                     "B_cosine")), f"{rb['A_subspace']['mean']:.3f}", f"{rb['B_subspace']['mean']:.3f}",
+                     f"{i['A_rel_change_from_init']['mean']:.1%}", f"{i['A_init_subspace_similarity']['mean']:.3f}"])  # fmt: skip
+    L += md_table(["init", "A subspace", "B subspace", "A cosine", "B cosine", "random A subspace",
+                   "random B subspace", "A moved from init", "A subspace at init"], rows)  # fmt: skip
     L.append("")
     if plots:
         L.append("## Plots")

