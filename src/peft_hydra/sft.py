@@ -405,7 +405,7 @@ def build_trainer(argv: list[str]):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
     from trl import SFTTrainer, get_quantization_config
 
-    from .integrations import prepare_trainer
+    from .callback import prepare_trainer
 
     script, training_args, model_args, mixture, train, hydra = parse(argv)
     if not model_args.model_name_or_path:
