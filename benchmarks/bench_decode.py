@@ -24,7 +24,7 @@ figure = (last stamp - first stamp) / (steps - 1), i.e. one cached forward + gre
 hits them alike); the median is reported. On CPU with one thread the clock is process CPU time (the step's own work,
 not time lost to other processes); otherwise wall time, with ``torch.cuda.synchronize`` at each stamp on CUDA.
 
-Target: HydraLoRA <= 1.05x LoRA per token at SmolLM2 width (routing should cost little when generating).
+Target: HydraLoRA <= 1.05x LoRA per token (docs/performance.md).
 """
 
 from __future__ import annotations

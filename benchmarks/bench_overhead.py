@@ -17,8 +17,8 @@ Printed per method: the step time, the adapter cost per adapted linear layer in 
 step) / adapted layers), and from ``torch.profiler`` / the autograd graph the number of ATen ops (all, and leaf ops:
 the ones that run a kernel), and autograd nodes, per adapted layer, over one forward + backward.
 
-Target: HydraLoRA r=8 N=3 / PEFT LoRA r=16 <= 1.20 at the same trainable-parameter budget (the router and the head
-mix should cost little next to LoRA's two GEMMs).
+Target: HydraLoRA r=8 N=3 / PEFT LoRA r=16 no worse than the previous layer's ratio (docs/performance.md; the same
+trainable-parameter budget).
 
 ``--choices`` times the alternatives to the layer's adapter path (``HydraLoraLayer._delta``) that decided its shape,
 each swapped in for the whole step (same outputs, checked):

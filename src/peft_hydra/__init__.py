@@ -19,22 +19,22 @@ _register()
 from .convert import convert_official_checkpoint  # noqa: E402
 from .export import export_lora, measure_mean_gates  # noqa: E402
 from .heads import suggest_num_experts  # noqa: E402  (needs the [compare] extra when called: scikit-learn)
+from .integrations import router_health, router_metrics  # noqa: E402
 from . import routing  # noqa: E402  (the routing statistics: peft_hydra.routing.layer_routing, summarize, ...)
-from .routing import format_routing_report, observe_routing, router_health, router_metrics, routing_report  # noqa: E402
+from .routing import format_routing_report, observe_routing, routing_report  # noqa: E402
 from .standalone.card import push_to_hub, write_model_card  # noqa: E402
 
 __version__ = "0.1.0"
 
-#: Trainer integration (peft_hydra.integrations), imported on first use: it needs transformers' Trainer machinery,
-#: which ``import peft_hydra`` does not load.
-_INTEGRATIONS = ("HydraLoraCallback", "prepare_trainer")
-
 
 def __getattr__(name: str):
-    if name in _INTEGRATIONS:
-        from . import integrations
+    """``HydraLoraCallback`` and ``prepare_trainer`` are imported on first use: the callback subclasses
+    ``transformers.TrainerCallback``, whose import pulls in the Trainer's modules (``import peft_hydra`` adds no module
+    beyond what ``import peft`` loaded)."""
+    if name in ("HydraLoraCallback", "prepare_trainer"):
+        from . import callback
 
-        return getattr(integrations, name)
+        return getattr(callback, name)
     raise AttributeError(f"module 'peft_hydra' has no attribute {name!r}")
 
 __all__ = [

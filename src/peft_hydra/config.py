@@ -148,7 +148,7 @@ class HydraLoraConfig(PeftConfig):
         if self.top_k is not None and not (integer(self.top_k, 1) and self.top_k <= self.num_experts):
             raise error("top_k", f"None (dense gates) or an integer in [1, num_experts={self.num_experts}]")
         if not number(self.router_temperature, 0.0, low_ok=False):
-            raise error("router_temperature", "a number > 0")
+            raise error("router_temperature", "> 0")
         if not number(self.router_aux_loss_coef, 0.0):
             raise error("router_aux_loss_coef", "a number >= 0 (0 = off)")
         if not integer(self.router_aux_loss_warmup_steps, 0):

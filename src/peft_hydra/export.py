@@ -25,7 +25,7 @@ __all__ = ["export_lora", "measure_mean_gates"]
 
 
 def _tuner(model):
-    from .routing import unwrap_hydra_tuner
+    from .integrations import unwrap_hydra_tuner
 
     return unwrap_hydra_tuner(model)
 

@@ -20,78 +20,96 @@ Trainer can add is :class:`HydraLoraCallback` (no Trainer method is replaced)::
 
 from __future__ import annotations
 
-import warnings
+import math
+from typing import Any, Mapping
 
-from transformers import TrainerCallback
+import torch
 
-__all__ = ["HydraLoraCallback", "prepare_trainer", "router_health", "router_metrics", "unwrap_hydra_tuner"]
+__all__ = ["router_health", "router_metrics", "unwrap_hydra_tuner"]
 
-# the router statistics this module reports and checks live with the routing statistics; re-exported here
-from .routing import COLLAPSE_GATE, UNIFORM_ENTROPY, router_health, router_metrics, unwrap_hydra_tuner  # noqa: E402
-
-
-class HydraLoraCallback(TrainerCallback):
-    """Router metrics and warnings in a Trainer's logs, and the step of the balance loss's warm-up (see the module
-    docstring). ``log_router_stats``: add the metrics to the logs; ``router_warnings``: warn on uniform or collapsed
-    routing from ``router_warnings_after_steps`` optimizer steps on."""
-
-    def __init__(self, *, log_router_stats: bool = True, router_warnings: bool = True,
-                 router_warnings_after_steps: int = 50) -> None:  # fmt: skip
-        steps = router_warnings_after_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"router_warnings_after_steps must be an integer >= 0, got {steps!r}.")
-        self.log_router_stats, self.router_warnings, self.after_steps = log_router_stats, router_warnings, steps
-        self.warned: set[str] = set()
-        self.tuner = None
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.tuner = unwrap_hydra_tuner(model)
-        self.tuner._sync_hooks()  # a router_aux_loss_coef changed in the config since the model was built
-        self.tuner.aux_loss_step = state.global_step
-        if self.log_router_stats or self.router_warnings:
-            self.tuner.reset_router_stats()
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if self.tuner is not None:
-            self.tuner.aux_loss_step = state.global_step  # optimizer steps done: the balance loss's warm-up
-
-    def on_evaluate(self, args, state, control, model=None, **kwargs):
-        if self.tuner is None and model is not None:  # evaluate() without train()
-            self.tuner = unwrap_hydra_tuner(model)
-            self.tuner.reset_router_stats()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.tuner is None or logs is None:
-            return
-        is_train, is_eval = "loss" in logs, any(k.startswith("eval_") for k in logs)
-        if not (is_train or is_eval):
-            return
-        if self.router_warnings and is_train and state.global_step >= self.after_steps:
-            for condition, message in router_health(self.tuner.router_stats()["layers"]).items():
-                if condition not in self.warned:
-                    self.warned.add(condition)
-                    warnings.warn(f"{message} (training step {state.global_step})", UserWarning, stacklevel=2)
-        metrics = router_metrics(self.tuner, prefix="eval_" if is_eval else "")  # reads and resets the statistics
-        if is_train and self.tuner.last_aux_loss is not None:
-            metrics["router_aux_loss"] = round(float(self.tuner.last_aux_loss), 6)
-        if self.log_router_stats and metrics:
-            logs.update(metrics)
-            if state.log_history and state.log_history[-1].get("step") == state.global_step:
-                state.log_history[-1].update(metrics)  # the Trainer appended its copy of the logs before on_log
+#: Training-time warning: the gates "stay uniform" when the per-token entropy, divided by log N, is at least this
+#: (median over layers); 0.98 of log N is e.g. gates (0.26, 0.32, 0.42) on every token for N = 3.
+UNIFORM_ENTROPY = 0.98
+#: Training-time warning: the routing "collapses onto one head" when one head's mean gate is at least this
+#: (median over layers of the largest mean gate).
+COLLAPSE_GATE = 0.9
 
 
-def prepare_trainer(trainer, *, log_router_stats: bool = True, router_warnings: bool = True,
-                    router_warnings_after_steps: int = 50):  # fmt: skip
-    """Add a :class:`HydraLoraCallback` to ``trainer`` (a ``transformers.Trainer`` or a subclass such as TRL's
-    ``SFTTrainer``) and return it. The callback goes first in the trainer's callback list, so that the loggers and
-    progress printers that follow see the router metrics. The balance loss needs nothing here: the model's forward
-    adds it to the loss. Calling it twice is an error."""
-    handler = getattr(trainer, "callback_handler", None)
-    if handler is None or not hasattr(trainer, "model"):
-        raise TypeError(f"prepare_trainer expects a transformers.Trainer, got {type(trainer).__name__}.")
-    if any(isinstance(cb, HydraLoraCallback) for cb in handler.callbacks):
-        raise ValueError("prepare_trainer was already called on this trainer (it has a HydraLoraCallback).")
-    unwrap_hydra_tuner(trainer.model)  # a clear error now, not at train()
-    handler.callbacks.insert(0, HydraLoraCallback(log_router_stats=log_router_stats, router_warnings=router_warnings,
-                                                  router_warnings_after_steps=router_warnings_after_steps))  # fmt: skip
-    return trainer
+def median(values) -> float:
+    """The median (the mean of the two middle values for an even count)."""
+    v = sorted(values)
+    mid = len(v) // 2
+    return float(v[mid]) if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+
+
+def router_health(
+    layers: Mapping[str, Mapping[str, Any]],
+    uniform_entropy: float = UNIFORM_ENTROPY,
+    collapse_gate: float = COLLAPSE_GATE,
+) -> dict[str, str]:
+    """The training-time checks on router statistics ``{layer: {"mean_gate": [N], "entropy": nats}}`` (what
+    ``HydraLoraModel.router_stats()["layers"]`` returns): ``{"uniform" | "collapse": message}`` for each condition
+    that holds (median over layers), each message with the figures and the remedy."""
+    if not layers:
+        return {}
+    stats = list(layers.values())
+    n = len(stats[0]["mean_gate"])
+    token_entropy = median(s["entropy"] / math.log(n) for s in stats)
+    top_gate = median(max(s["mean_gate"]) for s in stats)
+    found = {}
+    if token_entropy >= uniform_entropy:
+        found["uniform"] = (
+            f"HydraLoRA routers stay uniform: the per-token gate entropy is {token_entropy:.3f} of log N (median over "
+            f"{len(stats)} layers, N={n}; 1 = every token gets gates 1/N), so the {n} heads are mixed equally and "
+            "cannot specialise. With the default zero-initialised heads the router gets no gradient until the heads "
+            "differ (the cold start). Remedies: head_init='centered' or 'orthogonal' in HydraLoraConfig (non-zero "
+            "heads, initial output still zero), router_init_std (e.g. 0.01), and a balance loss no stronger than "
+            "router_aux_loss_coef=1e-3 (0.01 is reported to pin the gates to uniform), with "
+            "router_aux_loss_warmup_steps. Measure specialisation with peft_hydra.routing_report (docs/routing.md)."
+        )
+    if top_gate >= collapse_gate:
+        found["collapse"] = (
+            f"HydraLoRA routers collapse onto one head: the largest mean gate is {top_gate:.3f} (median over "
+            f"{len(stats)} layers, N={n}), so the other heads get almost no tokens and the adapter is one LoRA. "
+            "Remedies: a load-balancing loss (router_aux_loss_coef=1e-3 in HydraLoraConfig, with "
+            "router_aux_loss_warmup_steps), a smaller learning rate, or router_temperature > 1. See "
+            "peft_hydra.routing_report (docs/routing.md)."
+        )
+    return found
+
+
+def unwrap_hydra_tuner(model: torch.nn.Module):
+    """The :class:`~peft_hydra.HydraLoraModel` inside ``model`` (a PeftModel, possibly wrapped by DDP / FSDP /
+    DeepSpeed / ``torch.compile``); raises a ValueError when there is none."""
+    from .model import HydraLoraModel
+
+    seen = model
+    for _ in range(8):
+        if isinstance(seen, HydraLoraModel):
+            return seen
+        base = getattr(seen, "base_model", None)
+        if isinstance(base, HydraLoraModel):
+            return base
+        inner = getattr(seen, "module", None) or getattr(seen, "_orig_mod", None)
+        if inner is None:
+            break
+        seen = inner
+    raise ValueError(
+        f"{type(model).__name__} holds no HydraLoRA adapter: wrap the model with "
+        "`peft.get_peft_model(model, peft_hydra.HydraLoraConfig(...))` before passing it to the trainer."
+    )
+
+
+def router_metrics(model: torch.nn.Module, prefix: str = "", reset: bool = True) -> dict[str, float]:
+    """Router statistics accumulated since the last reset, as flat Trainer metrics:
+    ``{prefix}router_entropy`` and ``{prefix}router_gate_<i>`` (empty when nothing was routed)."""
+    tuner = unwrap_hydra_tuner(model)
+    stats = tuner.router_stats()
+    if reset:
+        tuner.reset_router_stats()
+    if stats["mean_gate"] is None:
+        return {}
+    metrics = {f"{prefix}router_entropy": round(float(stats["entropy"]), 6)}
+    for i, g in enumerate(stats["mean_gate"]):
+        metrics[f"{prefix}router_gate_{i}"] = round(float(g), 6)
+    return metrics

@@ -405,7 +405,7 @@ def build_trainer(argv: list[str]):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
     from trl import SFTTrainer, get_quantization_config
 
-    from .integrations import prepare_trainer
+    from .callback import prepare_trainer
 
     script, training_args, model_args, mixture, train, hydra = parse(argv)
     if not model_args.model_name_or_path:
@@ -498,13 +498,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     output_dir = trainer.args.output_dir
-    trainer.save_model(output_dir)  # the adapter and PEFT's model card
+    trainer.save_model(output_dir)  # the adapter and its model card (PEFT's, with HydraLoRA's tags and snippet)
     trainer.save_state()  # trainer_state.json: the log history, router statistics included
     if trainer.is_world_process_zero():
+        trainer.processing_class.save_pretrained(output_dir)
         from .standalone.card import write_model_card
 
-        trainer.processing_class.save_pretrained(output_dir)
-        write_model_card(trainer.model, output_dir)  # PEFT's card + HydraLoRA's tags and usage snippet
+        write_model_card(trainer.model, output_dir)  # the HydraLoRA usage snippet (PEFT has no hook for card text)
         if os.path.exists(os.path.join(output_dir, "README.md")):
             _add_training_section(os.path.join(output_dir, "README.md"), trainer, argv)
         _log(f"done: {trainer.state.global_step} steps; adapter, model card, tokenizer and trainer_state.json in "

@@ -331,7 +331,7 @@ def evaluate(wrapper, inner, spec, examples, cache, first_top_layer, run_cfg, ro
         for _, ks in chunks:
             run(inner, ks)
         return out
-    from peft_hydra.routing import observe_routing
+    from peft_hydra import observe_routing
 
     # the package's one runner of batches with the routers observed: {layer: {category: mean gate, entropy, tokens}}
     observed = observe_routing(wrapper, [ks for _, ks in chunks], labels=[cat for cat, _ in chunks], forward=run)
