@@ -83,8 +83,9 @@ OLDEST_PINS ?= peft==0.18.1 transformers==5.6.0
 TUNER_TESTS ?= tests/test_model.py tests/test_layer.py tests/test_functional.py tests/test_save_load.py \
 	tests/test_hub.py tests/test_gates.py tests/test_export.py tests/test_registry.py tests/test_compat.py \
 	tests/test_peft_conformance.py
-# besides the package: pytest, and what PEFT's own test helpers import (tests/test_peft_conformance.py)
-MATRIX_DEPS := pytest datasets diffusers
+# besides the package: pytest, what PEFT's own test helpers import (tests/test_peft_conformance.py), and scipy for
+# tests/test_compat.py's checks that the comparison's methods build on the installed peft
+MATRIX_DEPS := pytest datasets diffusers scipy
 # never let a newer transformers pull another (multi-GB CUDA) torch: resolution fails instead
 TORCH_PIN := torch==2.13.0
 # the editable installs run one at a time: they all write src/peft_hydra.egg-info

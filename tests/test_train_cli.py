@@ -401,7 +401,7 @@ def test_gguf_model(tmp_path):
         ("unknown_preset", "unknown preset 'authors': use one of none, paper"),
         ("messages_without_template", "needs a tokenizer with a chat template"),
         ("bad_num_experts", "--num_experts must be a positive integer or 'auto', got 'many'"),
-        ("bad_adapter_value", "HydraLoraConfig.router_temperature must be a number > 0"),
+        ("bad_adapter_value", "HydraLoraConfig.router_temperature must be > 0"),
         ("dora", "--use_dora and --lora_target_parameters are LoRA options HydraLoRA does not have"),
     ],
 )
