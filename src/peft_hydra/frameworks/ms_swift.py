@@ -128,7 +128,7 @@ if PeftTuner is not None:
             return get_peft_model(model, config)
 
     class HydraLoraCallback(TrainerCallback):
-        """``--callbacks hydralora``: ``peft_hydra.prepare_trainer`` on swift's Trainer (balance loss, router logs)."""
+        """``--callbacks hydralora``: ``peft_hydra.prepare_trainer`` on swift's Trainer (router statistics in its logs; the balance loss is in the model's loss)."""
 
         def __init__(self, args, trainer):
             super().__init__(args, trainer)
