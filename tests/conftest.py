@@ -117,6 +117,30 @@ def pack_4bit_for_cpu(model) -> int:
     return packed
 
 
+#: A chat template without generation markers, enough for TRL's and the frameworks' conversational formats.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def byte_tokenizer(chat_template=None):
+    """A byte-level tokenizer built offline (``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, then one id per byte), for commands
+    that tokenize real text; ``chat_template``: e.g. :data:`CHAT_TEMPLATE`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({c: i + 3 for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    if chat_template:
+        out.chat_template = chat_template
+    return out
+
+
 def word_tokenizer():
     """A word-level tokenizer for the tiny models, built offline: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3 and
     the words ``w4`` ... ``w95`` (token id = the number), split on whitespace."""

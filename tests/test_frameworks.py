@@ -28,7 +28,7 @@ import sys
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from conftest import CHAT_TEMPLATE, byte_tokenizer, make_tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = os.environ.get("PEFT_HYDRA_FRAMEWORK", "")
@@ -41,10 +41,6 @@ TASKS = (  # three kinds of instruction with different words: num_experts auto h
     ("What is the product of {a} times {b}?", lambda a, b: a * b),
     ("Which number is bigger, {a} or {b}?", max),
 )
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 
 
 def needs(framework: str, module: str):
@@ -54,20 +50,6 @@ def needs(framework: str, module: str):
         pytest.skip(f"{framework} runs in its own environment: make test-framework-{framework}")
     if importlib.util.find_spec(module) is None:
         pytest.fail(f"PEFT_HYDRA_FRAMEWORK={framework} but `{module}` is not installed in {sys.prefix}")
-
-
-def byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    vocab.update({c: i + 3 for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    out.chat_template = CHAT_TEMPLATE
-    return out
 
 
 def records(n=48, seed=0):
@@ -87,7 +69,7 @@ def work(tmp_path_factory):
         pytest.skip("the framework integrations run in the frameworks' own environments: make test-frameworks")
     root = tmp_path_factory.mktemp("frameworks")
     base = root / "base"
-    tokenizer = byte_tokenizer()
+    tokenizer = byte_tokenizer(CHAT_TEMPLATE)
     tokenizer.save_pretrained(base)
     make_tiny_llama(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96,
                     max_position_embeddings=256).save_pretrained(base)  # fmt: skip
@@ -173,7 +155,7 @@ def check_reload(base_model, adapter_dir):
     """The adapter reloads with PeftModel.from_pretrained and changes the outputs of the base model."""
     from transformers import AutoModelForCausalLM
 
-    ids = byte_tokenizer()("Add 3 and 4.", return_tensors="pt")["input_ids"]
+    ids = byte_tokenizer(CHAT_TEMPLATE)("Add 3 and 4.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         reference = AutoModelForCausalLM.from_pretrained(base_model).eval()(input_ids=ids).logits
         model = load_with_plain_peft(base_model, adapter_dir)
@@ -227,7 +209,7 @@ def test_axolotl_train_reload_and_merge_refused(work):
                                                            "output_dir": str(fixed)})  # fmt: skip
     rc, log = run(["axolotl", "merge-lora", cfg], cwd=work["root"])
     assert rc == 0, log[-5000:]
-    ids = byte_tokenizer()("Add 3 and 4.", return_tensors="pt")["input_ids"]
+    ids = byte_tokenizer(CHAT_TEMPLATE)("Add 3 and 4.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         merged = AutoModelForCausalLM.from_pretrained(fixed / "merged").eval()(input_ids=ids).logits
         torch.testing.assert_close(merged, model.eval()(input_ids=ids).logits, rtol=1e-4, atol=1e-4)

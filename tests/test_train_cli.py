@@ -21,17 +21,12 @@ import torch
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
-from conftest import make_tiny_llama  # noqa: E402
+from conftest import CHAT_TEMPLATE, byte_tokenizer, make_tiny_llama  # noqa: E402
 
 from peft_hydra import HydraLoraConfig, sft  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-#: A chat template without generation markers, enough for TRL's conversational formats.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 TASKS = {  # three kinds of instruction with different words, so that --num_experts auto has clusters to find
     "add": ("Add {a} and {b}.", lambda a, b: a + b),
     "times": ("What is the product of {a} times {b}?", lambda a, b: a * b),
@@ -41,23 +36,8 @@ TASKS = {  # three kinds of instruction with different words, so that --num_expe
 FAST = ["--max_length", "64", "--logging_steps", "1", "--learning_rate", "3e-2", "--disable_tqdm", "true"]
 
 
-def _byte_tokenizer(chat_template=None):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    vocab.update({c: i + 3 for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    if chat_template:
-        out.chat_template = chat_template
-    return out
-
-
 def _save_base(path, chat_template=None):
-    tokenizer = _byte_tokenizer(chat_template)
+    tokenizer = byte_tokenizer(chat_template)
     tokenizer.save_pretrained(path)
     # hidden 64: a multiple of bitsandbytes' 4-bit block size, for the QLoRA test
     make_tiny_llama(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96).save_pretrained(path)
@@ -109,7 +89,7 @@ def _logits(model, ids):
 
 
 def _ids(text="Add 3 and 4.\n"):
-    return _byte_tokenizer()(text, return_tensors="pt")["input_ids"]
+    return byte_tokenizer()(text, return_tensors="pt")["input_ids"]
 
 
 def _assert_trained_adapter(base_dir, out):
@@ -178,7 +158,7 @@ def test_console_script_under_accelerate_ddp(base_dir, data_file, tmp_path, monk
     assert "hydralora" in card and "import peft_hydra" in card and "Training with `peft-hydra train`" in card
     from transformers import AutoTokenizer
 
-    assert AutoTokenizer.from_pretrained(out).decode([3 + 40]) == _byte_tokenizer().decode([3 + 40])
+    assert AutoTokenizer.from_pretrained(out).decode([3 + 40]) == byte_tokenizer().decode([3 + 40])
     after = _assert_trained_adapter(base_dir, out)
 
     monkeypatch.chdir(tmp_path)  # docs/training.md's loading snippet, as written there
@@ -241,12 +221,12 @@ def test_instruction_context_rows_become_prompt_completion():
     without a chat template the prompt ends in a newline, with one the pair becomes a user and an assistant turn."""
     from datasets import Dataset
 
-    plain = sft.to_trl_format(Dataset.from_list(ALPACA[:2]), _byte_tokenizer(), sft.TrainArguments(), "text")
+    plain = sft.to_trl_format(Dataset.from_list(ALPACA[:2]), byte_tokenizer(), sft.TrainArguments(), "text")
     assert plain[0] == {"prompt": "Sum these.\n\n2 3\n", "completion": "5"} and plain[1]["prompt"] == "Say hi.\n"
-    chat = sft.to_trl_format(Dataset.from_list(DOLLY[:1]), _byte_tokenizer(CHAT_TEMPLATE), sft.TrainArguments(), "text")
+    chat = sft.to_trl_format(Dataset.from_list(DOLLY[:1]), byte_tokenizer(CHAT_TEMPLATE), sft.TrainArguments(), "text")
     assert chat[0] == {"prompt": [{"role": "user", "content": "Who wrote it?\n\nAda wrote it."}],
                        "completion": [{"role": "assistant", "content": "Ada"}]}  # fmt: skip
-    named = sft.to_trl_format(Dataset.from_list([{"q": "Why?", "a": "So."}]), _byte_tokenizer(),
+    named = sft.to_trl_format(Dataset.from_list([{"q": "Why?", "a": "So."}]), byte_tokenizer(),
                               sft.TrainArguments(prompt_field="q", answer_field="a", prompt_template="Q: {prompt}\nA:"),
                               "text")  # fmt: skip
     assert named[0] == {"prompt": "Q: Why?\nA:", "completion": "So."}
@@ -347,7 +327,7 @@ def _write_gguf(path):
     import gguf
     import numpy as np
 
-    tok = _byte_tokenizer(CHAT_TEMPLATE)
+    tok = byte_tokenizer(CHAT_TEMPLATE)
     model = make_tiny_llama(vocab_size=len(tok), hidden_size=64, intermediate_size=96)
     c, w = model.config, gguf.GGUFWriter(str(path), "llama")
     w.add_context_length(c.max_position_embeddings), w.add_embedding_length(c.hidden_size)
@@ -379,7 +359,7 @@ def test_gguf_model(tmp_path):
                                  _jsonl(tmp_path / "dolly.jsonl", DOLLY), "--output_dir", str(tmp_path / "o"),
                                  "--max_steps", "2", "--num_experts", "2", *FAST])  # fmt: skip
     assert trainer.processing_class.chat_template == CHAT_TEMPLATE
-    assert trainer.train_dataset[0]["input_ids"][:3] == _byte_tokenizer()("<|user|>")["input_ids"][:3]  # chat turns
+    assert trainer.train_dataset[0]["input_ids"][:3] == byte_tokenizer()("<|user|>")["input_ids"][:3]  # chat turns
     ids = _ids()
     assert torch.allclose(_logits(trainer.model, ids), _logits(base, ids), atol=1e-5)  # the same model, adapter at 0
     assert math.isfinite(trainer.train().training_loss)

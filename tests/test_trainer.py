@@ -9,7 +9,7 @@ from peft import PeftModel, get_peft_model
 import peft_hydra
 from peft_hydra import HydraLoraConfig, prepare_trainer
 
-from conftest import IdsDataset  # noqa: E402
+from conftest import IdsDataset, word_tokenizer  # noqa: E402
 
 from conftest import VOCAB  # noqa: E402  (tests/ is on sys.path under pytest's rootdir conftest)
 
@@ -187,7 +187,7 @@ def test_balance_loss_trains_in_trl_sft_trainer(tiny_llama, tmp_path):
     def run(model):
         args = SFTConfig(**_sgd_args(tmp_path, max_length=24, bf16=False))
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
-                             processing_class=_char_tokenizer())  # fmt: skip
+                             processing_class=word_tokenizer())  # fmt: skip
         batch = next(iter(trainer.get_train_dataloader()))
         assert (batch["labels"] != -100).all()  # no padding: the reference forward sees the same tokens
         trainer.train()
@@ -236,18 +236,6 @@ def test_callback_passed_to_the_trainer_logs_router_metrics(tiny_llama, tmp_path
     assert "log" not in vars(trainer)
 
 
-def _char_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-
-
 def test_trl_sft_trainer(tiny_llama, tmp_path):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -260,7 +248,7 @@ def test_trl_sft_trainer(tiny_llama, tmp_path):
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, max_length=24,
         disable_tqdm=True, lr_scheduler_type="constant", bf16=False,  # TRL defaults to bf16 autocast
     )  # fmt: skip
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=_char_tokenizer())
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=word_tokenizer())
     prepare_trainer(trainer)
     trainer.train()
     losses = _train_losses(trainer)
