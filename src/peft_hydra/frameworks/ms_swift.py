@@ -138,6 +138,10 @@ if PeftTuner is not None:
             if not self._prepared:
                 self._prepared = True
                 peft_hydra.prepare_trainer(self.trainer)  # a clear error when the model holds no HydraLoRA adapter
+                # the callback it added joined after this event was dispatched: hand it the event
+                added = next(cb for cb in self.trainer.callback_handler.callbacks
+                             if isinstance(cb, peft_hydra.HydraLoraCallback))  # fmt: skip
+                added.on_train_begin(args, state, control, **kwargs)
 
     tuners_map[ADAPTER] = HydraLoraTuner
     callbacks_map[ADAPTER] = HydraLoraCallback
