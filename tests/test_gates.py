@@ -93,3 +93,56 @@ def test_per_layer_gates_naming_unknown_layers_are_refused(tiny_llama, tmp_path)
         with pytest.raises(ValueError, match=r"`gates` names 1 layer\(s\) the adapter does not have.*q_prj"):
             call()
     assert good in gates and not any(m.merged for m in model.modules() if isinstance(m, peft_hydra.HydraLoraLayer))
+
+
+def test_override_gates_per_sample_equals_fixed_gates_per_sample(tiny_llama, input_ids):
+    """Per-sample gates given to a learned-router model: each sample's output is the output of the same adapter with
+    those gates fixed (merged), in training forward, in a cached generate(), and the router is back afterwards."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), HydraLoraConfig(r=2, num_experts=3, target_modules=["q_proj", "v_proj"],
+                                                         init_weights=False)).eval()  # fmt: skip
+    ids = input_ids[:2]
+    gates = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.3, 0.5]])
+    with torch.no_grad():
+        before = model(ids).logits
+        with model.override_gates(gates):
+            given = model(ids).logits
+            generated = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(model(ids).logits, before)  # the learned router again
+        for i in range(2):
+            model.merge_adapter(gates=gates[i])
+            assert torch.allclose(model(ids[i : i + 1]).logits, given[i : i + 1], atol=1e-5)
+            merged_generated = model.generate(ids[i : i + 1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+            assert torch.equal(merged_generated, generated[i : i + 1])
+            model.unmerge_adapter()
+    assert not torch.allclose(given[0], given[1])
+
+
+def test_override_gates_trains_the_heads_and_not_the_router(tiny_llama, input_ids):
+    model = get_peft_model(tiny_llama(), HydraLoraConfig(r=2, num_experts=2, target_modules=["q_proj"],
+                                                         init_weights=False))  # fmt: skip
+    with model.override_gates(torch.tensor([[1.0, 0.0]] * len(input_ids))):
+        model(input_ids, labels=input_ids).loss.backward()
+    layer = next(m for m in model.modules() if isinstance(m, peft_hydra.HydraLoraLayer))
+    B, A = layer.hydra_B["default"].weight.grad, layer.hydra_A["default"].weight.grad
+    assert B[:, :2].abs().sum() > 0 and B[:, 2:].abs().sum() == 0  # head 0 only
+    assert A[:2].abs().sum() > 0 and A[2:].abs().sum() == 0  # A trained, the router rows not
+
+
+@pytest.mark.parametrize("bad", [torch.ones(3), torch.ones(2, 4), torch.ones(2, 3, dtype=torch.long), [0.5, 0.5]])
+def test_override_gates_refuses_bad_shapes(tiny_llama, bad):
+    model = get_peft_model(tiny_llama(), HydraLoraConfig(r=2, num_experts=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"shape \(N,\) or \(batch, N\) with N = 2"):
+        with model.override_gates(bad):
+            pass
+
+
+def test_override_gates_refuses_a_batch_of_another_size_and_merged_layers(tiny_llama, input_ids):
+    model = get_peft_model(tiny_llama(), HydraLoraConfig(r=2, num_experts=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="one row per sample"):
+        with model.override_gates(torch.ones(3, 2) / 2):
+            model(input_ids[:2])
+    model.merge_adapter(gates="uniform")
+    with pytest.raises(ValueError, match="unmerge_adapter"):
+        with model.override_gates(torch.ones(2) / 2):
+            pass

@@ -49,6 +49,22 @@ def mix_input(h: torch.Tensor, gates: Optional[torch.Tensor], rank: int) -> torc
     return (g.unsqueeze(-1) * heads).flatten(-2)
 
 
+def sample_gates(gates: torch.Tensor, tokens: int, batch: Optional[int] = None) -> torch.Tensor:
+    """Gates given per sample, (B, N), as per-token gates (tokens, N) of a batch of ``batch`` samples flattened
+    sample-major (each sample's tokens together, as ``x.reshape(-1, d)`` of a (B, S, d) batch; ``batch=None``: one
+    token per sample); (N,) gates are returned as they are."""
+    if gates.dim() == 1:
+        return gates
+    samples = tokens if batch is None else batch
+    if gates.shape[0] != samples:
+        raise ValueError(
+            f"Per-sample gates with {gates.shape[0]} rows for a batch of {samples} samples: give one row per sample "
+            "of the batch (generate() with num_beams=k: each row repeated k times, gates.repeat_interleave(k, 0)), or "
+            "(N,) gates for all."
+        )
+    return gates if tokens == samples else gates.repeat_interleave(tokens // samples, dim=0)
+
+
 def merged_heads(B: torch.Tensor, gates: torch.Tensor, rank: int, shared_a: bool) -> torch.Tensor:
     """B (out, N*r) with FIXED gates (N,) folded in: ``sum_i g_i B_i`` (out, r) for a shared A, ``[g_1 B_1 | ... |
     g_N B_N]`` (out, N*r) for one A per head; the merged update is ``merged_heads(...) @ A``."""

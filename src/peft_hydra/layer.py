@@ -124,6 +124,7 @@ class HydraLoraLayer(BaseTunerLayer):
         rows, n, r, fused, dropout_on, per_head = self.hydra_layout[adapter]
         A = self.hydra_A[adapter]
         weight = A.weight
+        batch = x.shape[0] if x.dim() > 2 else None
         x = x.reshape(-1, x.shape[-1])  # (tokens, in)
         if x.dtype != weight.dtype:
             x = self._cast_input_dtype(x, weight.dtype)
@@ -142,7 +143,7 @@ class HydraLoraLayer(BaseTunerLayer):
             h, logits = A(x).split([rows, n], dim=-1)
         else:
             h = A(x)
-        gates = None if n == 1 else self.hydra_router[adapter](logits if fused else h)
+        gates = None if n == 1 else self.hydra_router[adapter](logits if fused else h, batch=batch)
         return self.hydra_B[adapter](HF.mix_input(h, gates, r))  # (tokens, out)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -133,6 +133,48 @@ class HydraLoraModel(RouterObservation, BaseTuner):
             for handle in handles:
                 handle.remove()
 
+    # ------------------------------------------------------------------------------------------ gates given
+    @contextmanager
+    def override_gates(self, gates: torch.Tensor, adapter_name: Optional[str] = None):
+        """Inside the block, every router of ``adapter_name`` (default: the first active adapter) returns ``gates``
+        instead of its own: an (N,) tensor for every token, or (batch, N), one row per sample for all its tokens
+        (``generate()`` included: its prompt and every generated token; with ``num_beams=k`` each row repeated k times,
+        as its beams). For routing from a known task (the comparison harness's ``oracle``: one-hot by category),
+        ablations and debugging. The learned routers are not run inside the block, so they get no gradient from it.
+
+            with model.override_gates(torch.eye(4)[task_ids]):
+                loss = model(**batch).loss
+        """
+        adapter = self._known_adapter(adapter_name)
+        n = self.peft_config[adapter].num_experts
+        if not torch.is_tensor(gates) or not gates.is_floating_point() or gates.dim() not in (1, 2) \
+                or gates.shape[-1] != n:  # fmt: skip
+            shape = tuple(gates.shape) if torch.is_tensor(gates) else type(gates).__name__
+            raise ValueError(
+                f"override_gates needs a float tensor of shape (N,) or (batch, N) with N = {n} (the heads of adapter "
+                f"'{adapter}'); got {shape}."
+            )
+        if not torch.isfinite(gates).all():
+            raise ValueError("override_gates: the gates contain NaN or inf.")
+        if n == 1:
+            raise ValueError(f"Adapter '{adapter}' has one head (num_experts=1): it has no gates to override.")
+        layers = [(name, m) for name, m in self._hydra_layers() if adapter in m.hydra_router]
+        merged = [name for name, m in layers if adapter in m.merged_adapters]
+        if merged:
+            raise ValueError(
+                f"override_gates: adapter '{adapter}' is merged into {len(merged)} layer(s) (e.g. {merged[0]}), "
+                "where its gates are fixed in the weights: call unmerge_adapter() first."
+            )
+        routers = [m.hydra_router[adapter] for _, m in layers]
+        previous = [r.gate_override for r in routers]
+        for router, (_, m) in zip(routers, layers):
+            router.gate_override = gates.detach().to(m.hydra_B[adapter].weight.device, torch.float32)
+        try:
+            yield
+        finally:
+            for router, old in zip(routers, previous):
+                router.gate_override = old
+
     # ------------------------------------------------------------------------------------------ merging
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False,
                       gates: GatesArg = None) -> None:  # fmt: skip

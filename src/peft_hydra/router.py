@@ -43,6 +43,7 @@ class HydraRouter(nn.Module):
         self.top_k = top_k
         self.temperature = float(temperature)
         self.weight = None
+        self.gate_override: Optional[torch.Tensor] = None  # set by HydraLoraModel.override_gates, never saved
         if fixed_gates is not None:
             self.register_buffer("fixed_gates", fixed_gates.reshape(num_experts), persistent=False)
         else:
@@ -58,8 +59,11 @@ class HydraRouter(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.weight is None else F.linear(x.to(self.weight.dtype), self.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(T, d) logits or router input -> (T, N) fp32 gates; with fixed gates, the (N,) gates."""
+    def forward(self, x: torch.Tensor, batch: Optional[int] = None) -> torch.Tensor:
+        """(T, d) logits or router input -> (T, N) fp32 gates; with fixed gates, the (N,) gates; inside
+        ``override_gates``, the given gates (one row per sample of the ``batch`` samples, repeated over its tokens)."""
+        if self.gate_override is not None:
+            return HF.sample_gates(self.gate_override, x.shape[0], batch)
         if self.fixed_gates is not None:
             return self.fixed_gates
         return HF.router_gates(self.logits(x), self.top_k, self.temperature)
