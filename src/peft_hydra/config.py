@@ -29,6 +29,12 @@ LLAMA_LIKE_MODEL_TYPES = (
 )  # fmt: skip
 
 ROUTER_INPUTS = ("x", "a")
+#: The values of ``HydraLoraConfig.router_scope``: gates per token, or per sequence from its first tokens.
+ROUTER_SCOPES = ("token", "sequence")
+#: The default of ``HydraLoraConfig.router_pool_tokens`` (K).
+DEFAULT_POOL_TOKENS = 8
+#: The initial scale exp(s0) of a cosine router's logits (``router_cosine=True``): a temperature of 0.1.
+COSINE_INIT_SCALE = 10.0
 #: The values of ``HydraLoraConfig.head_init`` (see its docstring and ``functional.init_heads``).
 HEAD_INITS = ("zero", "centered", "orthogonal")
 
@@ -81,12 +87,35 @@ class HydraLoraConfig(PeftConfig):
     router_input: str = field(
         default="x", metadata={"help": "'x': router on the layer input (the authors' code); 'a': router on A x."}
     )
-    top_k: Optional[int] = field(default=None, metadata={"help": "None: dense gates; k: keep the k largest per token."})
+    top_k: Optional[int] = field(
+        default=None,
+        metadata={"help": "None: dense gates; k: keep the k largest per token, renormalised. k=1 trains the router by "
+                  "a straight-through estimator: the forward gate is exactly one-hot (as before), the router's gradient "
+                  "is that of the dense softmax (without it a top-1 gate of 1.0 gives the router no gradient)."},
+    )
     router_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the router (> 0)."})
     share_a: bool = field(default=True, metadata={"help": "False: one A per head (the paper's LoRA-split ablation)."})
     fixed_gates: Optional[Union[str, list[float], dict[str, list[float]]]] = field(
         default=None,
         metadata={"help": "None: learned router; 'uniform', N weights or {layer: N weights}: fixed gates, no router."},
+    )
+    router_scope: str = field(
+        default="token",
+        metadata={"help": "'token': gates per token (HydraLoRA). 'sequence': one gate vector per sequence, from the "
+                  "router applied to the mean router input over the sequence's first router_pool_tokens real tokens "
+                  "(causal: a token before that uses the mean of the tokens up to itself); generate() carries it "
+                  "over the decode steps."},
+    )
+    router_pool_tokens: int = field(
+        default=DEFAULT_POOL_TOKENS,
+        metadata={"help": "K of router_scope='sequence': the gates come from the mean of the first K real tokens "
+                  "(pick K larger than any prefix all your prompts share, e.g. a chat template's system prompt)."},
+    )
+    router_cosine: bool = field(
+        default=False,
+        metadata={"help": "True: logits = exp(s) * cos(W_g row i, router input), with a learned log-scale s per "
+                  f"router (initial exp(s) = {COSINE_INIT_SCALE:g}, at most 100), saved with the adapter; the router "
+                  "gets a weight of its own (not rows of hydra_A)."},
     )
     router_aux_loss_coef: float = field(
         default=0.0,
@@ -149,6 +178,17 @@ class HydraLoraConfig(PeftConfig):
             raise error("top_k", f"None (dense gates) or an integer in [1, num_experts={self.num_experts}]")
         if not number(self.router_temperature, 0.0, low_ok=False):
             raise error("router_temperature", "> 0")
+        if self.router_scope not in ROUTER_SCOPES:
+            raise error("router_scope", f"one of {ROUTER_SCOPES} ('token': gates per token, 'sequence': per sequence)")
+        if not integer(self.router_pool_tokens, 1):
+            raise error("router_pool_tokens", "an integer >= 1 (the first K real tokens of a sequence give its gates)")
+        if self.router_scope == "token" and self.router_pool_tokens != DEFAULT_POOL_TOKENS:
+            raise ValueError(
+                f"HydraLoraConfig.router_pool_tokens={self.router_pool_tokens} applies to router_scope='sequence', but "
+                "router_scope='token': set router_scope='sequence' or leave router_pool_tokens at its default."
+            )
+        if not isinstance(self.router_cosine, bool):
+            raise error("router_cosine", "True or False")
         if not number(self.router_aux_loss_coef, 0.0):
             raise error("router_aux_loss_coef", "a number >= 0 (0 = off)")
         if not integer(self.router_aux_loss_warmup_steps, 0):
@@ -174,6 +214,8 @@ class HydraLoraConfig(PeftConfig):
             "top_k": (self.top_k is not None and self.num_experts > 1, "set top_k=None"),
             "router_aux_loss_coef": (self.router_aux_loss_coef > 0, "set it to 0"),
             "router_init_std": (self.router_init_std is not None, "set router_init_std=None"),
+            "router_scope": (self.router_scope != "token", "set router_scope='token'"),
+            "router_cosine": (self.router_cosine, "set router_cosine=False"),
         }
         for name, (is_set, fix) in needs_router.items():
             if is_set and not self.has_router:

@@ -26,11 +26,72 @@ def router_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor
 
 def router_gates(logits: torch.Tensor, top_k: Optional[int] = None, temperature: float = 1.0) -> torch.Tensor:
     """The gates (..., N), fp32: the dense softmax; with ``top_k``, the softmax over the k largest logits only (the k
-    largest probabilities renormalised to sum 1, the others 0: the same function and gradient in fewer kernels)."""
+    largest probabilities renormalised to sum 1, the others 0: the same function and gradient in fewer kernels). For
+    ``top_k=1`` the forward value is the one-hot of the largest logit and the gradient the dense softmax's
+    (straight-through estimator)."""
     if top_k is None or top_k >= logits.shape[-1]:
         return router_probs(logits, temperature)
+    if top_k == 1:
+        # straight-through: the forward value is exactly one-hot (what the renormalised top-1 softmax gives), the
+        # gradient that of the dense softmax (the renormalised top-1 gate is the constant 1: no router gradient)
+        probs = router_probs(logits, temperature)
+        hard = torch.zeros_like(probs).scatter_(-1, logits.topk(1, dim=-1).indices, 1.0)
+        return hard + (probs - probs.detach()) if probs.requires_grad else hard
     values, index = logits.topk(top_k, dim=-1)
     return router_probs(torch.full_like(logits, float("-inf")).scatter(-1, index, values), temperature)
+
+
+def cosine_logits(x: torch.Tensor, weight: torch.Tensor, log_scale: torch.Tensor, max_scale: float = 100.0):
+    """``exp(s) * cos(weight_i, x)`` (..., N): the cosine router's logits, the scale exp(s) at most ``max_scale``."""
+    cos = F.linear(F.normalize(x, dim=-1), F.normalize(weight, dim=-1))
+    return cos * log_scale.clamp(max=math.log(max_scale)).exp().to(cos.dtype)
+
+
+def pool_weights(real: Optional[torch.Tensor], pool_tokens: int, done: Optional[torch.Tensor], batch: int,
+                 length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Which tokens of a chunk of ``length`` positions enter a sequence's pool, and the running pool size.
+
+    ``real`` (B, length): 1 for real tokens, 0 for padding (None: all real); ``done`` (B,): real tokens pooled before
+    this chunk (a decode step of ``generate()``; None: the chunk starts the sequence). A real token enters the pool
+    while fewer than ``pool_tokens`` real tokens precede it. Returns ``weights`` (B, L), 1 where a token enters, and
+    ``counts`` (B, L), the pool size up to and including each position, over the first ``L`` positions of the chunk:
+    the shortest prefix that holds every entering token (L >= 1); from position L on, the pool no longer changes.
+    """
+    if real is None and done is None:  # a new sequence of real tokens: the first K positions, no host sync
+        n = min(length, pool_tokens)
+        weights = torch.ones(batch, n, device=device)
+        return weights, weights.cumsum(1)
+    real = torch.ones(batch, length, device=device) if real is None else real.float()
+    before = real.cumsum(1) - real  # real tokens before each position, in this chunk
+    if done is not None:
+        before = before + done.float().unsqueeze(1)
+    weights = real * (before < pool_tokens)
+    columns = weights.any(0).nonzero()
+    n = int(columns[-1]) + 1 if len(columns) else 1
+    weights = weights[:, :n]
+    counts = weights.cumsum(1) if done is None else weights.cumsum(1) + done.float().unsqueeze(1)
+    return weights, counts
+
+
+def pool_prefix(x: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
+                previous: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The running mean of the pooled tokens at each of the first L positions: ``x`` (B, S, d) with ``weights`` and
+    ``counts`` (B, L) of :func:`pool_weights`, ``previous`` (B, d) the pooled sum carried from earlier chunks.
+    Returns the means (B, L, d), fp32 (the zero vector where nothing was pooled yet: a pad token before the first real
+    one), and the pooled sum (B, d) after the chunk (to carry into the next one)."""
+    n = weights.shape[1]
+    sums = (weights.unsqueeze(-1) * x[:, :n].float()).cumsum(1)
+    if previous is not None:
+        sums = sums + previous.unsqueeze(1)
+    return sums / counts.clamp(min=1).unsqueeze(-1), sums[:, -1]
+
+
+def hold_last(values: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, L, N) -> (B, length, N): positions L.. repeat position L-1 (the gates once the pool is complete)."""
+    n = values.shape[1]
+    if n >= length:
+        return values[:, :length]
+    return torch.cat([values, values[:, -1:].expand(-1, length - n, -1)], 1)
 
 
 def mix_input(h: torch.Tensor, gates: Optional[torch.Tensor], rank: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ from torch import nn
 
 from . import functional as HF
 from .standalone.compat import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge, transpose
-from .config import HydraLoraConfig, no_exact_merge_message, resolve_gates
+from .config import COSINE_INIT_SCALE, HydraLoraConfig, no_exact_merge_message, resolve_gates
 from .router import HydraRouter
 
 
@@ -46,8 +46,9 @@ class HydraLoraLayer(BaseTunerLayer):
         self.share_a: dict[str, bool] = {}
         self.router_input: dict[str, str] = {}
         self.dropout_per_head: dict[str, bool] = {}
-        # adapter -> (rows of A, N, r, router in hydra_A, has a dropout, one dropout mask per head): static layout
-        self.hydra_layout: dict[str, tuple[int, int, int, bool, bool, bool]] = {}
+        # adapter -> (rows of A, N, r, router in hydra_A, has a dropout, one dropout mask per head, router of its own
+        # on x): static layout
+        self.hydra_layout: dict[str, tuple[int, int, int, bool, bool, bool, bool]] = {}
         self.hydra_dropout = nn.ModuleDict({})
         self.hydra_A = nn.ModuleDict({})
         self.hydra_B = nn.ModuleDict({})
@@ -79,14 +80,19 @@ class HydraLoraLayer(BaseTunerLayer):
         self.dropout_per_head[adapter_name] = config.dropout_per_head
         self.hydra_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         rows = r if config.share_a else n * r
-        fused = config.has_router and config.router_input == "x"
+        on_x = config.has_router and config.router_input == "x"
+        fused = on_x and not config.router_cosine  # a cosine router needs x itself, not only its logits
         self.hydra_A[adapter_name] = nn.Linear(self.in_features, rows + (n if fused else 0), bias=False)
         self.hydra_B[adapter_name] = nn.Linear(n * r, self.out_features, bias=False)
-        self.hydra_layout[adapter_name] = (rows, n, r, fused, config.lora_dropout > 0, config.dropout_per_head and n > 1)
+        self.hydra_layout[adapter_name] = (
+            rows, n, r, fused, config.lora_dropout > 0, config.dropout_per_head and n > 1, on_x and not fused
+        )  # fmt: skip
         if config.has_router:
             self.hydra_router[adapter_name] = HydraRouter(
-                n, None if fused else rows, top_k=config.top_k, temperature=config.router_temperature
-            )
+                n, None if fused else (self.in_features if on_x else rows), top_k=config.top_k,
+                temperature=config.router_temperature, scope=config.router_scope, pool_tokens=config.router_pool_tokens,
+                cosine=config.router_cosine, cosine_init_scale=COSINE_INIT_SCALE,
+            )  # fmt: skip
         elif n > 1:
             self.hydra_router[adapter_name] = HydraRouter(n, fixed_gates=config.layer_gates(layer_name))
         self.reset_hydra_parameters(adapter_name, config)
@@ -121,7 +127,7 @@ class HydraLoraLayer(BaseTunerLayer):
         """``sum_i g_i B_i A x`` of ``adapter`` (unscaled) for ``x`` (..., in) -> (tokens, out). This runs once per
         adapted layer and forward, and in small, host-bound steps its Python is a measurable part of the step: the
         adapter's static layout is one tuple (``hydra_layout``), and each container is read once."""
-        rows, n, r, fused, dropout_on, per_head = self.hydra_layout[adapter]
+        rows, n, r, fused, dropout_on, per_head, router_x = self.hydra_layout[adapter]
         A = self.hydra_A[adapter]
         weight = A.weight
         batch = x.shape[0] if x.dim() > 2 else None
@@ -143,7 +149,10 @@ class HydraLoraLayer(BaseTunerLayer):
             h, logits = A(x).split([rows, n], dim=-1)
         else:
             h = A(x)
-        gates = None if n == 1 else self.hydra_router[adapter](logits if fused else h, batch=batch)
+        if n == 1:
+            gates = None
+        else:
+            gates = self.hydra_router[adapter](logits if fused else (x if router_x else h), batch=batch)
         return self.hydra_B[adapter](HF.mix_input(h, gates, r))  # (tokens, out)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
+from functools import partial
 from typing import Optional
 
 import torch
@@ -20,7 +21,9 @@ from .bnb import dispatch_bnb_4bit, dispatch_bnb_8bit, refuse_unsupported_quanti
 from .config import LLAMA_LIKE_MODEL_TYPES, LLAMA_LIKE_TARGET_MODULES, PREFIX, GatesArg, HydraLoraConfig
 from .config import check_gate_layers, no_exact_merge_message
 from .layer import HydraLoraLayer, Linear
+from . import functional as HF
 from .observation import RouterObservation
+from .router import SequenceContext
 
 TARGET_MODULE_MAPPING = {
     **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
@@ -54,6 +57,9 @@ class HydraLoraModel(RouterObservation, BaseTuner):
 
     def __init__(self, model: nn.Module, peft_config, adapter_name: str, **kwargs) -> None:
         self._init_observation()
+        self._sequence_hooks: list = []
+        self._sequence_routers: list = []
+        self._pooled_done: Optional[torch.Tensor] = None  # real tokens pooled per sample so far (sequence scope)
         super().__init__(model, peft_config, adapter_name, **kwargs)
 
     def _create_and_replace(self, config: HydraLoraConfig, adapter_name: str, target: nn.Module, target_name: str,
@@ -87,6 +93,7 @@ class HydraLoraModel(RouterObservation, BaseTuner):
         layers = [n for n, m in model.named_modules() if isinstance(m, HydraLoraLayer) and adapter_name in m.hydra_A]
         check_gate_layers(self.peft_config[adapter_name].fixed_gates, layers, "HydraLoraConfig.fixed_gates")
         self._sync_hooks()
+        self._sync_sequence_hooks()
 
     def _check_new_adapter_config(self, config: HydraLoraConfig) -> None:
         super()._check_new_adapter_config(config)
@@ -95,6 +102,7 @@ class HydraLoraModel(RouterObservation, BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._sync_hooks()
+        self._sync_sequence_hooks()
 
     def _hydra_layers(self):
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, HydraLoraLayer)]
@@ -110,6 +118,8 @@ class HydraLoraModel(RouterObservation, BaseTuner):
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
         adapter_names = kwargs.pop("adapter_names", None)
+        if self._sequence_routers:
+            self._check_sequence_generate(kwargs)
         if adapter_names is None:
             yield
             return
@@ -118,6 +128,12 @@ class HydraLoraModel(RouterObservation, BaseTuner):
         unknown = sorted(set(adapter_names) - set(self.peft_config) - {"__base__"})
         if unknown:
             raise ValueError(f"Unknown adapter name(s) {unknown} in `adapter_names`; known: {sorted(self.peft_config)}.")
+        if self._sequence_routers:
+            raise ValueError(
+                "`adapter_names` (one adapter per sample) cannot be combined with an adapter of "
+                "router_scope='sequence', whose routers follow the whole batch's sequences: run one batch per adapter "
+                "(model.set_adapter(name)) instead."
+            )
         num_beams = kwargs.get("num_beams")
         if isinstance(num_beams, int) and num_beams > 1:
             adapter_names = [name for name in adapter_names for _ in range(num_beams)]
@@ -132,6 +148,98 @@ class HydraLoraModel(RouterObservation, BaseTuner):
         finally:
             for handle in handles:
                 handle.remove()
+
+    # ------------------------------------------------------------------------------------ sequence routers
+    def _sync_sequence_hooks(self) -> None:
+        """With an adapter of ``router_scope="sequence"``: a pre-hook on the wrapped model that tells its sequence
+        routers the forward's sequences (padding from ``attention_mask``; a new sequence, or a decode step that
+        continues the KV cache), and a hook after it that takes that away again (a layer called outside the model's
+        forward sees each call as new sequences of real tokens). Nothing at all without such an adapter."""
+        for handle in self._sequence_hooks:
+            handle.remove()
+        self._sequence_hooks = []
+        self._sequence_routers = [router for _, layer in self._hydra_layers() for router in layer.hydra_router.values()
+                                  if router.learned and router.scope == "sequence"]  # fmt: skip
+        if not self._sequence_routers:
+            return
+        model = self.model  # partial, not a closure: a deep copy of the model gets hooks on the copy
+        self._sequence_hooks.append(model.register_forward_pre_hook(partial(_sequence_enter_hook, self), with_kwargs=True))
+        self._sequence_hooks.append(model.register_forward_hook(partial(_sequence_exit_hook, self), always_call=True))
+
+    def _sequence_enter(self, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        tokens = ids if ids is not None else embeds
+        if tokens is None:
+            return
+        batch, length = tokens.shape[0], tokens.shape[1]
+        continuing = _continues_cache(kwargs)
+        mask = kwargs.get("attention_mask")
+        real = None
+        if mask is not None:
+            if not torch.is_tensor(mask) or mask.dim() != 2:
+                raise ValueError(
+                    "router_scope='sequence' reads which tokens are real from a 2-D attention_mask (batch, length); "
+                    f"this forward got {type(mask).__name__} of shape {tuple(getattr(mask, 'shape', ()))}. Pass the "
+                    "usual 2-D padding mask (or none), or use router_scope='token'."
+                )
+            real = mask[:, -length:].to(torch.bool)
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None and not continuing and length > 1 and position_ids.dim() == 2:
+            both = (real[:, 1:] & real[:, :-1]) if real is not None else True
+            if ((position_ids[:, 1:] < position_ids[:, :-1]) & both).any():
+                raise ValueError(
+                    "router_scope='sequence' found several sequences packed into one row (position_ids restart inside "
+                    "a row): its routers pool the first tokens of each row. Train without packing / padding-free "
+                    "batches (e.g. TRL's padding_free=False, packing=False), or use router_scope='token'."
+                )
+        done = None
+        if continuing:
+            done = self._pooled_done
+            if done is None or done.shape[0] != batch:
+                raise ValueError(
+                    "router_scope='sequence': this forward continues a KV cache whose prompt the routers did not see "
+                    "(no pooled state for a batch of this size). Run the prompt through the model first (generate() "
+                    "does); beam search reorders the cache in a way the routers do not follow when a prompt is shorter "
+                    "than router_pool_tokens."
+                )
+        if real is not None and bool(real.all()) and done is None:
+            real = None  # no padding: the sync-free path of pool_weights
+        pool = self._sequence_routers[0].pool_tokens
+        weights, counts = HF.pool_weights(real, pool, done, batch, length, tokens.device)
+        self._pooled_done = counts[:, -1]
+        context = SequenceContext(batch, length, weights, counts, continuing)
+        for router in self._sequence_routers:
+            if router.pool_tokens != pool:
+                w, c = HF.pool_weights(real, router.pool_tokens, done, batch, length, tokens.device)
+                context = SequenceContext(batch, length, w, c, continuing)
+            router.sequence = context
+
+    def _sequence_exit(self) -> None:
+        model = self.model
+        if model.training and torch.is_grad_enabled() and _checkpointing(model):
+            return  # a gradient-checkpointing recompute inside backward() runs the layers again: same sequences
+        for router in self._sequence_routers:
+            router.sequence = None
+
+    def _check_sequence_generate(self, kwargs: dict) -> None:
+        """Beam search reorders the KV cache between steps; the pooled state follows only when it no longer changes
+        (every prompt has at least router_pool_tokens real tokens)."""
+        config = kwargs.get("generation_config")
+        beams = kwargs.get("num_beams", getattr(config, "num_beams", None) if config is not None else None)
+        if not (isinstance(beams, int) and beams > 1):
+            return
+        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        if ids is None:
+            return
+        lengths = mask.sum(-1) if mask is not None else torch.full((ids.shape[0],), ids.shape[-1])
+        pool = max(router.pool_tokens for router in self._sequence_routers)
+        if int(lengths.min()) < pool:
+            raise ValueError(
+                f"Beam search (num_beams={beams}) with router_scope='sequence' needs every prompt to have at least "
+                f"router_pool_tokens={pool} real tokens (the shortest has {int(lengths.min())}): the pooled router "
+                "state would have to follow the beams' reordering. Use num_beams=1 or longer prompts."
+            )
 
     # ------------------------------------------------------------------------------------------ gates given
     @contextmanager
@@ -213,6 +321,35 @@ class HydraLoraModel(RouterObservation, BaseTuner):
         return remapped
 
 
+def _continues_cache(kwargs: dict) -> bool:
+    """Whether a forward of the model continues a KV cache (a decode step of ``generate()``)."""
+    position = kwargs.get("cache_position")
+    if torch.is_tensor(position) and position.numel():
+        return int(position.reshape(-1)[0]) > 0
+    past = kwargs.get("past_key_values")
+    if past is None:
+        return False
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length()) > 0
+    return len(past) > 0 and past[0] is not None and len(past[0]) > 0 and past[0][0].shape[-2] > 0
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether gradient checkpointing is on (transformers 5.x renamed the property; the old name warns)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
+def _sequence_enter_hook(tuner: "HydraLoraModel", module, args, kwargs) -> None:
+    tuner._sequence_enter(args, kwargs)
+
+
+def _sequence_exit_hook(tuner: "HydraLoraModel", module, args, outputs) -> None:
+    tuner._sequence_exit()
+
+
 def upgrade_state_dict(state_dict: dict, config: HydraLoraConfig, adapter_key: str = "") -> dict:
     """A checkpoint of peft-hydra 0.1 in today's layout (other checkpoints are returned as they are): its heads
     ``<module>.hydra_B`` (out, N, r) become ``hydra_B.weight`` (out, N*r), head i in columns ``i*r..``; with a router
@@ -227,7 +364,8 @@ def upgrade_state_dict(state_dict: dict, config: HydraLoraConfig, adapter_key: s
         out[f"{key}.weight"] = B.reshape(B.shape[0], -1)
         module = key[: -len(old_b)]
         a_key, router_key = f"{module}.{PREFIX}A{adapter_key}.weight", f"{module}.{PREFIX}router{adapter_key}.weight"
-        if config.has_router and config.router_input == "x" and a_key in out and router_key in out:
+        fused = config.has_router and config.router_input == "x" and not config.router_cosine
+        if fused and a_key in out and router_key in out:
             out[a_key] = torch.cat([out[a_key], out.pop(router_key)])
     return out
 
