@@ -326,7 +326,7 @@ def _continues_cache(kwargs: dict) -> bool:
     position = kwargs.get("cache_position")
     if torch.is_tensor(position) and position.numel():
         return int(position.reshape(-1)[0]) > 0
-    past = kwargs.get("past_key_values")
+    past = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5.x names it `cache`
     if past is None:
         return False
     if hasattr(past, "get_seq_length"):
