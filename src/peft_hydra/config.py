@@ -48,7 +48,8 @@ class HydraLoraConfig(PeftConfig):
 
         y = W0 x + scaling * sum_i w_i(x) B_i A dropout(x),    w(x) = softmax(W_g x / router_temperature)
 
-    with ``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``). ``num_experts=1`` is exactly
+    with ``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``); ``router_scope="sequence"`` takes
+    x for the gates as the mean of the sequence's first ``router_pool_tokens`` real tokens. ``num_experts=1`` is exactly
     LoRA (no router). The LoRA fields mean what they mean in ``peft.LoraConfig``; every field's ``help`` says what it
     does, and docs/configuration.md gives the background of each HydraLoRA option. Every value is checked here, once:
     a wrong one raises a ValueError naming the field and the fix.
@@ -89,9 +90,9 @@ class HydraLoraConfig(PeftConfig):
     )
     top_k: Optional[int] = field(
         default=None,
-        metadata={"help": "None: dense gates; k: keep the k largest per token, renormalised. k=1 trains the router by "
-                  "a straight-through estimator: the forward gate is exactly one-hot (as before), the router's gradient "
-                  "is that of the dense softmax (without it a top-1 gate of 1.0 gives the router no gradient)."},
+        metadata={"help": "None: dense gates; k: keep the k largest per token, renormalised. k=1: the forward gate is "
+                  "exactly 1 on the largest logit, 0 elsewhere (as before), and the router trains with the dense "
+                  "softmax's gradient (straight through estimator; a renormalised top 1 gate alone has none)."},
     )
     router_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the router (> 0)."})
     share_a: bool = field(default=True, metadata={"help": "False: one A per head (the paper's LoRA-split ablation)."})
@@ -113,7 +114,7 @@ class HydraLoraConfig(PeftConfig):
     )
     router_cosine: bool = field(
         default=False,
-        metadata={"help": "True: logits = exp(s) * cos(W_g row i, router input), with a learned log-scale s per "
+        metadata={"help": "True: logits = exp(s) * cos(W_g row i, router input), with a learned log scale s per "
                   f"router (initial exp(s) = {COSINE_INIT_SCALE:g}, at most 100), saved with the adapter; the router "
                   "gets a weight of its own (not rows of hydra_A)."},
     )
