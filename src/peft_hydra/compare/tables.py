@@ -113,6 +113,10 @@ def summary_lines(res: dict) -> list[str]:
                  "adapted layers, mean over seeds; 0 = the routing ignores the category): "
                  + "; ".join(f"`{m}` {_fmt(row['mi_normalized_median'], 3)} [{_fmt(row['mi_normalized_max'], 3)}]"
                              for m, row in rt.items()))  # fmt: skip
+    for m, om in (res.get("oracle") or {}).items():
+        L.append("")
+        L.append(f"Oracle routing `{m}` (gates = one-hot of the category's head; {om['rule']}): "
+                 + ", ".join(f"{c} -> {h}" for c, h in om["heads"].items()) + ".")
     fg = res.get("forgetting_by_method") or {}
     if fg:
         L.append("")
@@ -260,6 +264,17 @@ def markdown(res: dict, plots: list[str]) -> str:
                 for mth, row in rt.items()]  # fmt: skip
         L += md_table(["method", "N", "MI / log N median", "MI / log N max", "token entropy", "usage entropy",
                        "dead heads (per seed)", "B heads abs. cos", "B heads subspace", "warnings"], rows)  # fmt: skip
+        L.append("")
+    for m, om in (res.get("oracle") or {}).items():
+        L.append(f"## Oracle routing: `{m}`")
+        L.append("HydraLoRA at the same budget without a router: every sample's gates are the one-hot of its "
+                 "category's head (the upper bound of routing by task), given through `override_gates` in training, "
+                 "evaluation and generation. Its routing row above comes from these gates (every adapted layer "
+                 f"alike). Category -> head map ({om['rule']}):")
+        L.append("")
+        L += md_table(["category", "head"], [[c, h] for c, h in om["heads"].items()])
+        L.append("")
+        L.append("Training examples per head: " + ", ".join(f"{h}: {n}" for h, n in enumerate(om["load"])) + ".")
         L.append("")
     fg = res.get("forgetting_by_method") or {}
     if fg:
