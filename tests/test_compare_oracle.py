@@ -99,3 +99,25 @@ def test_oracle_end_to_end_with_internals_hidden(tmp_path, tuner_internals_hidde
     summary = md[md.index("## Summary") : md.index("## Set-up")]
     assert "- `hydralora_oracle`: " in summary and "colors -> 0, animals -> 1, numbers -> 2, gsm8k -> 3" in summary
     assert f"`hydralora_oracle` {h_c:.3f}" in summary and "## Oracle routing: `hydralora_oracle`" in md
+
+
+def test_token_routing_figures_reach_the_report(tmp_path):
+    """A learned router's and the oracle's per-token figures (token / target / position MI with the shuffled
+    baseline) are in results.json and results.md; the oracle's gates depend on the category only, so its figures
+    beyond the category are exactly 0."""
+    out = tmp_path / "out"
+    cfg = write_cfg(tmp_path, methods=["lora", "hydralora", "hydralora_oracle"], num_experts=4, seeds=[0],
+                    lr_sweep=[1e-2], forgetting=0)  # fmt: skip
+    assert main(["compare", "--config", cfg, "--output", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    for m in ("hydralora", "hydralora_oracle"):
+        (run,) = [r for r in res["runs"] if r["method"] == m]
+        for st in run["routing"]["layers"].values():
+            for v in ("token", "target", "position"):
+                assert st[f"{v}_mi_excess"] == pytest.approx(st[f"{v}_mi"] - st[f"{v}_mi_shuffled"])
+                assert st[f"{v}_mi_shuffled"] >= 0 and st[f"{v}_values"] > 1
+                if m == "hydralora_oracle":
+                    assert abs(st[f"{v}_mi_given_category"]) < 1e-9
+        assert res["routing_by_method"][m]["token_mi_excess_median"] is not None
+    md = (out / "results.md").read_text()
+    assert "| token: plug-in (shuffled) = excess |" in md and "What else the gates track (MI with the input token" in md

@@ -360,15 +360,17 @@ def evaluate(wrapper, inner, spec, examples, cache, first_top_layer, run_cfg, ro
     from peft_hydra import observe_routing
 
     # the package's one runner of batches with the routers observed: {layer: {category: mean gate, entropy, tokens}}
-    observed = observe_routing(wrapper, [ks for _, ks in chunks], labels=[cat for cat, _ in chunks], forward=run)
+    ids = [pad([examples[k]["input_ids"] for k in ks], "cpu", value=-1)[0] for _, ks in chunks]  # as the layers see them
+    observed, per_token = observe_routing(wrapper, [ks for _, ks in chunks], labels=[cat for cat, _ in chunks],
+                                          forward=run, token_ids=ids)  # fmt: skip
     out["router"] = {cat: {name: per_cat[cat]["mean_gate"] for name, per_cat in observed.items() if cat in per_cat}
                      for cat in by_cat if any(cat in per_cat for per_cat in observed.values())}  # fmt: skip
     if observed:
-        out["routing"] = routing_by_category(wrapper, observed)
+        out["routing"] = routing_by_category(wrapper, observed, per_token)
     return out
 
 
-def routing_by_category(wrapper, observed: dict) -> dict:
+def routing_by_category(wrapper, observed: dict, per_token: Optional[dict] = None) -> dict:
     """The routing report (``peft_hydra.routing``: per layer the normalised mutual information between category and
     the soft gates, head usage, dead heads, entropies, B-head similarity; median / max over layers) from the
     per-category router statistics of an evaluation (``peft_hydra.observe_routing``: ``{layer: {category:
@@ -378,7 +380,7 @@ def routing_by_category(wrapper, observed: dict) -> dict:
 
     from peft_hydra import routing
 
-    report = routing.report_from_observation(wrapper, observed)
+    report = routing.report_from_observation(wrapper, observed, per_token=per_token)
     layers = report["layers"]
     for st in layers.values():
         st.pop("category_gates", None)
@@ -407,6 +409,14 @@ def oracle_routing(oracle: dict, examples: list[dict]) -> dict:
     st = routing.layer_routing(gates, tokens, {c: 0.0 for c in gates})
     st.pop("category_gates", None)
     st.pop("category_tokens", None)
+    # per token: the same figures as a learned router's (token, target, position), from the gates given
+    cats = list(gates)
+    ids = pad([ex["input_ids"] for ex in examples], "cpu", value=-1)[0]
+    v = routing.token_variables(ids)
+    keep = v["token"] >= 0
+    cat = torch.tensor([cats.index(ex["category"]) for ex in examples]).repeat_interleave(ids.shape[1])[keep]
+    per_token_gates = torch.tensor([gates[c] for c in cats])[cat]
+    st.update(routing.token_information(per_token_gates, {k: v[k][keep] for k in routing.TOKEN_VARIABLES}, groups=cat))
     layers = {"every adapted layer (oracle gates)": st}
     health = routing.router_health({k: {"mean_gate": v["usage"], "entropy": v["token_entropy"] * math.log(n)}
                                     for k, v in layers.items()})  # fmt: skip
