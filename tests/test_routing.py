@@ -527,3 +527,77 @@ def test_observation_hooks_follow_a_deep_copy():
     clone(torch.randn(4, 10))
     assert clone.base_model.router_stats()["layers"]["proj"]["tokens"] == 4
     assert model.base_model.router_stats()["layers"] == {}  # the original saw nothing
+
+
+# ----------------------------------------------------------------------------------- token-level routing
+def test_token_information_separates_token_category_and_uniform_routing():
+    """Gates that follow the token: high token MI, ~0 category MI; that follow the category: the reverse (the token
+    MI no higher than its shuffled baseline); uniform gates: ~0 everywhere. Each estimate sits beside its shuffled
+    baseline, and the excess is what is routing."""
+    g = torch.Generator().manual_seed(0)
+    n, T, vocab = 3, 6000, 30
+    tokens = torch.randint(0, vocab, (T,), generator=g)
+    category = torch.randint(0, n, (T,), generator=g)  # independent of the token
+    eye = torch.eye(n)
+    cases = {"by_token": eye[tokens % n], "by_category": eye[category], "uniform": torch.full((T, n), 1 / n)}
+    got = {k: R.token_information(gates, {"token": tokens}, groups=category) for k, gates in cases.items()}
+    cat_mi = {k: R.gate_information(gates, category) / math.log(n) for k, gates in cases.items()}
+    assert got["by_token"]["token_mi"] == pytest.approx(1.0, abs=0.01) and cat_mi["by_token"] < 0.01
+    assert got["by_token"]["token_mi_excess"] > 0.95 and got["by_token"]["token_mi_given_category_excess"] > 0.95
+    assert cat_mi["by_category"] == pytest.approx(1.0, abs=0.01)
+    assert abs(got["by_category"]["token_mi_excess"]) < 0.01 and abs(got["by_category"]["token_mi_given_category"]) < 1e-9
+    assert cat_mi["uniform"] < 1e-9 and got["uniform"]["token_mi"] < 1e-9 and got["uniform"]["token_mi_shuffled"] < 1e-9
+    assert got["by_token"]["token_values"] == vocab
+
+
+def test_shuffled_baseline_exposes_the_plug_in_bias():
+    """Random gates, many distinct tokens, few tokens each: the plug-in MI is far above 0 although the gates ignore
+    the token; the shuffled baseline is as high, so the excess is about 0."""
+    g = torch.Generator().manual_seed(1)
+    T = 400
+    tokens = torch.randint(0, 300, (T,), generator=g)
+    gates = torch.softmax(3 * torch.randn(T, 4, generator=g), -1)
+    info = R.token_information(gates, {"token": tokens})
+    assert info["token_mi"] > 0.3
+    assert abs(info["token_mi_excess"]) < 0.1 * info["token_mi"]
+
+
+def test_token_variables_of_a_padded_batch():
+    ids = torch.tensor([[5, 6, 7, -1], [8, 9, -1, -1]])
+    v = R.token_variables(ids, position_bucket=2)
+    assert v["token"].tolist() == [5, 6, 7, -1, 8, 9, -1, -1]
+    assert v["target"].tolist() == [6, 7, -1, -1, 9, -1, -1, -1]
+    assert v["position"].tolist() == [0, 0, 1, -1, 0, 0, -1, -1]
+
+
+class _RoutedMasked(_Routed):
+    def forward(self, input_ids, attention_mask=None):  # the mask only tells the report which tokens are padding
+        return super().forward(input_ids)
+
+
+def test_routing_report_by_token_through_the_model():
+    """A router that sends token t to head t % N, observed through the model's router log: token MI 1 (excess near
+    1), target and category MI near 0 when the batches' tokens do not depend on their category; padding left out."""
+    n, vocab = 3, 12
+    torch.manual_seed(0)
+    model = get_peft_model(_RoutedMasked(vocab), HydraLoraConfig(r=2, num_experts=n, target_modules=["lin"],
+                                                           head_init="centered", head_init_std=0.1))  # fmt: skip
+    router = model.base_model.model.lin.hydra_A["default"].weight[2:]
+    with torch.no_grad():
+        router.copy_(50 * torch.eye(n)[torch.arange(vocab) % n].T)  # token t -> head t % n
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, vocab, (4, 10), generator=g),
+                "attention_mask": torch.ones(4, 10, dtype=torch.long)} for _ in range(12)]  # fmt: skip
+    batches[0]["attention_mask"][:, 8:] = 0
+    labels = [f"task{i % 3}" for i in range(12)]
+    report = peft_hydra.routing_report(model, batches, labels, token_routing=True)
+    layer = report["layers"]["lin"]
+    assert layer["token_mi"] == pytest.approx(1.0, abs=0.01) and layer["token_mi_excess"] > 0.9
+    assert layer["mi_normalized"] < 0.05 and abs(layer["target_mi_excess"]) < 0.05
+    assert layer["token_mi_given_category_excess"] > 0.9 and layer["token_values"] == vocab
+    assert not model.base_model.get_router_log()  # the log is as it was (empty)
+    assert report["summary"]["token_mi_excess_median"] == pytest.approx(layer["token_mi_excess"])
+    text = peft_hydra.format_routing_report(report)
+    assert "| MI token/head (/ log N): plug-in - shuffled = excess |" in text
+    plain = peft_hydra.routing_report(model, batches, labels)["layers"]["lin"]
+    assert "token_mi" not in plain and plain["mi_normalized"] == pytest.approx(layer["mi_normalized"])

@@ -39,6 +39,13 @@ METHODS: dict[str, tuple[str, dict, str]] = {
         "HydraLoRA ablation: uniform fixed gates 1/N, no router (HydraLoraConfig(fixed_gates='uniform')).",
     ),
     "hydralora_n1": ("hydra", {"num_experts": 1}, "HydraLoRA ablation: N = 1 head (no router; equals LoRA)."),
+    "hydralora_oracle": (
+        "hydra",
+        {"fixed_gates": "uniform", "oracle": True},
+        "HydraLoRA with oracle task routing, the upper bound of routing by task: no router (fixed gates, so no unused "
+        "router parameters in its budget); every sample's gates are the one-hot of its category's head, given through "
+        "`override_gates` in training, evaluation and generation (the category -> head map is in the report).",
+    ),
     "lily": (
         "lily",
         {},
@@ -62,6 +69,12 @@ class MethodSpec:
     options: dict = field(default_factory=dict)
     description: str = ""
     base: str = ""
+    #: gates given per sample from the example's category (one-hot of its head) instead of the router's
+    oracle: bool = False
+
+
+#: options of a method that the harness itself handles (never passed to the PEFT config)
+HARNESS_OPTIONS = ("oracle",)
 
 
 def method_specs(methods: list, method_options: dict) -> list[MethodSpec]:
@@ -85,7 +98,13 @@ def method_specs(methods: list, method_options: dict) -> list[MethodSpec]:
         opts = {**dict(method_options.get(base, {}) or {}), **dict(method_options.get(name, {}) or {}), **extra, **fixed}
         if extra:
             desc = f"{desc} Options: {extra}."
-        specs.append(MethodSpec(name=name, kind=kind, options=opts, description=desc, base=base))
+        oracle = opts.pop("oracle", False)
+        if not isinstance(oracle, bool) or (oracle and kind != "hydra"):
+            raise ConfigError(f"Method {name!r}: `oracle` must be true or false, and only a HydraLoRA method "
+                              f"(base hydralora...) can be routed by category; got oracle={oracle!r} on {base!r}.")
+        if oracle and int(opts.get("num_experts", 2)) < 2:
+            raise ConfigError(f"Method {name!r}: oracle routing needs num_experts >= 2 (one head per group of categories).")
+        specs.append(MethodSpec(name=name, kind=kind, options=opts, description=desc, base=base, oracle=oracle))
     if not specs:
         raise ConfigError("`methods` is empty: list at least one of " + ", ".join(METHODS) + ".")
     check_peft_supports(specs)
@@ -299,3 +318,43 @@ def check_budgets(target: Optional[int], solved: dict[str, Solved], specs: list[
     )
 
 
+
+
+def oracle_head_map(train_examples: list[dict], n: int) -> dict[str, Any]:
+    """The category -> head map of the oracle methods, deterministic from the training examples (their order and
+    counts) and N:
+
+    - categories <= N: the i-th category (in order of first appearance in the training data) gets head i (heads past
+      the last category stay unused);
+    - more categories than heads and exactly N sources: one head per source (its categories share it);
+    - otherwise: balanced by training-example counts: the categories, largest first (ties: first appearance), each
+      go to the head with the fewest training examples so far (ties: the lowest head).
+
+    Returns ``{"heads": {category: head}, "rule": str, "num_experts": n, "load": [training examples per head]}``.
+    """
+    counts: dict[str, int] = {}
+    source: dict[str, str] = {}
+    for ex in train_examples:
+        counts[ex["category"]] = counts.get(ex["category"], 0) + 1
+        source.setdefault(ex["category"], ex.get("source", ""))
+    cats = list(counts)
+    if not cats:
+        raise ConfigError("Oracle routing needs training examples with categories.")
+    sources = list(dict.fromkeys(source[c] for c in cats))
+    if len(cats) <= n:
+        heads, rule = {c: i for i, c in enumerate(cats)}, "one head per category (in order of first appearance)"
+    elif len(sources) == n:
+        heads = {c: sources.index(source[c]) for c in cats}
+        rule = f"{len(cats)} categories > N = {n} heads: one head per source ({n} sources)"
+    else:
+        load = [0] * n
+        heads = {}
+        for c in sorted(cats, key=lambda c: (-counts[c], cats.index(c))):
+            h = min(range(n), key=lambda i: (load[i], i))
+            heads[c] = h
+            load[h] += counts[c]
+        heads = {c: heads[c] for c in cats}
+        rule = (f"{len(cats)} categories > N = {n} heads ({len(sources)} sources): balanced by training-example "
+                "counts (largest category first, each to the least-loaded head)")
+    load = [sum(counts[c] for c in cats if heads[c] == h) for h in range(n)]
+    return {"heads": heads, "rule": rule, "num_experts": n, "load": load}

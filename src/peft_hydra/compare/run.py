@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 
 from . import data as D
-from .methods import build_peft_config, check_budgets, max_rank, method_specs, solve_budget
+from .methods import build_peft_config, check_budgets, max_rank, method_specs, oracle_head_map, solve_budget
 from .errors import ConfigError
 from .train import compute_cache, decoder_parts, load_model, num_layers, token_losses, train_run
 
@@ -223,6 +223,14 @@ def run_comparison(cfg: dict, output_dir: str, command: str, log=print) -> dict[
     del meta
     check_budgets(cfg["budget"], solved, specs, cfg["budget_tolerance"])
 
+    # oracle routing: the category -> head map of every oracle method (per its N)
+    oracle_maps = {}
+    for spec in specs:
+        if spec.oracle:
+            oracle_maps[spec.name] = oracle_head_map(tokd["train"], int(spec.options.get("num_experts", ne_info["value"])))
+            log(f"oracle {spec.name}: {oracle_maps[spec.name]['rule']}; category -> head "
+                + ", ".join(f"{c}: {h}" for c, h in oracle_maps[spec.name]["heads"].items()))  # fmt: skip
+
     results: dict[str, Any] = {
         "model": model_desc,
         "data": {"sources": dcfg["sources"], **D.describe(splits), "max_length": dcfg["max_length"],
@@ -234,6 +242,7 @@ def run_comparison(cfg: dict, output_dir: str, command: str, log=print) -> dict[
         "num_experts": ne_info,
         "budget": budget,
         "methods": {s.name: s.description for s in specs},
+        "oracle": oracle_maps,
         "lr_sweep": {},
         "forgetting": P["forgetting"],
         "runs": [],
@@ -253,7 +262,8 @@ def run_comparison(cfg: dict, output_dir: str, command: str, log=print) -> dict[
         pc = build_peft_config(spec, s.r, s.factor, common, total_steps=steps)
         rc = dict(run_cfg, steps=steps)
         return train_run(model, spec, pc, common, tokd["train"], eval_sets, cache, first_top_arg, rc, seed, lr,
-                         desc=f"{spec.name} seed={seed} lr={lr:g}", router_by_category=router)  # fmt: skip
+                         desc=f"{spec.name} seed={seed} lr={lr:g}", router_by_category=router,
+                         oracle=oracle_maps.get(spec.name))  # fmt: skip
 
     # learning-rate sweep on the validation split (carved from train), one seed
     chosen = {}

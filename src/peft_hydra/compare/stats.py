@@ -138,7 +138,9 @@ def forgetting_stats(results: dict, n_boot: int, seed: int = 0) -> dict:
 
 
 ROUTING_KEYS = ("mi_normalized_median", "mi_normalized_max", "token_entropy_median", "usage_entropy_median",
-                "head_abs_cosine_median", "head_subspace_median")  # fmt: skip
+                "head_abs_cosine_median", "head_subspace_median",
+                *(f"{v}_mi{s}_median" for v in ("token", "target", "position")
+                  for s in ("", "_shuffled", "_excess", "_given_category_excess")))  # fmt: skip
 
 
 def routing_stats(results: dict) -> dict:

@@ -12,6 +12,10 @@ One LoRA has to serve four conflicting input -> output maps from one set of weig
 from the prompt could send each task to its own head. Everything is generated from a seed (no download): the same
 seed gives the same records, byte for byte. Train and eval inputs are disjoint (an input is in one split for every
 task), so the eval measures the tasks, not memorised inputs.
+
+``cipher4`` / ``cipher8`` (:func:`cipher_records`): per-task substitution ciphers over a small word vocabulary, the
+family where routing by task should pay: the tasks conflict on every input, each alone is a small lookup, and they
+share no skill beyond reading the words.
 """
 
 from __future__ import annotations
@@ -77,5 +81,76 @@ def conflict_records(n_inputs: int = 400, eval_fraction: float = 0.25, seed: int
     return recs
 
 
+# ------------------------------------------------------------------------------------------------ ciphers
+#: The cipher family's vocabulary: short common words, each one token (with its leading space) for SmolLM2's tokenizer.
+CIPHER_WORDS = "cat dog sun tree book fish car hat cup bird milk door ring lamp rock star".split()
+#: Neutral task names (no hint of the map): the task is named first in the prompt.
+CIPHER_TASKS = ("alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta")
+
+
+def cipher_maps(n_tasks: int = 4, vocab: int = 12, seed: int = 0) -> dict[str, dict[str, str]]:
+    """``n_tasks`` substitution ciphers over the first ``vocab`` words of :data:`CIPHER_WORDS`, deterministic from
+    ``seed``: task -> {word: word}. Each map is a random permutation without fixed points (no word maps to itself:
+    copying the input never helps), and any two tasks map EVERY word differently (they conflict on every input)."""
+    if not 2 <= n_tasks <= len(CIPHER_TASKS) or not n_tasks < vocab <= len(CIPHER_WORDS):
+        raise ValueError(f"cipher_maps needs 2 <= n_tasks <= {len(CIPHER_TASKS)} and n_tasks < vocab <= "
+                         f"{len(CIPHER_WORDS)}; got n_tasks={n_tasks}, vocab={vocab}.")  # fmt: skip
+    words = CIPHER_WORDS[:vocab]
+    rng = random.Random(f"cipher-{seed}")
+    perms: list[list[int]] = []
+    while len(perms) < n_tasks:
+        p = list(range(vocab))
+        rng.shuffle(p)
+        if all(p[i] != i for i in range(vocab)) and all(p[i] != q[i] for q in perms for i in range(vocab)):
+            perms.append(p)
+    return {CIPHER_TASKS[k]: {words[i]: words[p[i]] for i in range(vocab)} for k, p in enumerate(perms)}
+
+
+def cipher_records(n_inputs: int = 400, eval_fraction: float = 0.25, seed: int = 0, n_tasks: int = 4,
+                   vocab: int = 12, min_words: int = 3, max_words: int = 5) -> list[dict]:  # fmt: skip
+    """Records of the cipher family: task k maps each input word w to ``perm_k(w)`` (:func:`cipher_maps`), word by
+    word, the task named at the start of the prompt::
+
+        Task: alpha     Input: cat sun lamp     Output: ring tree hat
+        Task: beta      Input: cat sun lamp     Output: door cup fish
+
+    Every task sees the same inputs (distinct words of the vocabulary, ``min_words``-``max_words`` long) and answers
+    each differently: the tasks conflict, while each alone is a small lookup (a permutation of ``vocab`` words) that
+    a low rank can hold. Unlike ``conflict4`` (four word-order skills that share reading the words), the tasks share
+    nothing but the input words, so one set of weights must hold ``n_tasks x vocab`` (task, word) -> word entries and
+    an oracle router can give each task its own head. Train and eval inputs are disjoint (the first
+    ``eval_fraction`` of the shuffled inputs are eval inputs for every task); eval inputs are new word combinations,
+    every word of which is in training."""
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}.")
+    maps = cipher_maps(n_tasks, vocab, seed)
+    words = CIPHER_WORDS[:vocab]
+    rng = random.Random(f"cipher-inputs-{seed}")
+    seen, inputs = set(), []
+    while len(inputs) < n_inputs:
+        ws = tuple(rng.sample(words, rng.randint(min_words, max_words)))
+        if ws not in seen:
+            seen.add(ws)
+            inputs.append(list(ws))
+    n_eval = max(1, int(round(eval_fraction * n_inputs)))
+    recs = []
+    for task, m in maps.items():
+        for i, ws in enumerate(inputs):
+            text = " ".join(ws)
+            recs.append({
+                "category": task,
+                "split": "eval" if i < n_eval else "train",
+                "prompt": f"Task: {task}\nInput: {text}\nOutput:",
+                "answer": " " + " ".join(m[w] for w in ws),
+                "input": text,
+            })  # fmt: skip
+    return recs
+
+
 #: Synthetic built-in sources: name -> (records, short_answer). Short answers: exact-match accuracy is reported.
-SYNTHETIC_SOURCES = {"conflict4": (conflict_records, True)}
+#: ``cipher4``: 4 ciphers over 12 words; ``cipher8``: 8 ciphers over 16 words (more conflicting tasks than heads).
+SYNTHETIC_SOURCES = {
+    "conflict4": (conflict_records, True),
+    "cipher4": (cipher_records, True),
+    "cipher8": (lambda: cipher_records(n_tasks=8, vocab=16), True),
+}

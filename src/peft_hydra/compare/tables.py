@@ -113,6 +113,19 @@ def summary_lines(res: dict) -> list[str]:
                  "adapted layers, mean over seeds; 0 = the routing ignores the category): "
                  + "; ".join(f"`{m}` {_fmt(row['mi_normalized_median'], 3)} [{_fmt(row['mi_normalized_max'], 3)}]"
                              for m, row in rt.items()))  # fmt: skip
+        tok = {m: row for m, row in rt.items() if row.get("token_mi_median") is not None}
+        if tok:
+            L.append("")
+            L.append("What else the gates track (MI with the input token / the target token / the position bucket, "
+                     "/ log N, plug-in minus its shuffled-values baseline, median over layers, mean over seeds; "
+                     "~0 = no more than estimation bias): "
+                     + "; ".join(f"`{m}` " + " / ".join(_fmt(row.get(f"{v}_mi_excess_median"), 3)
+                                                       for v in ("token", "target", "position"))
+                                 for m, row in tok.items()))  # fmt: skip
+    for m, om in (res.get("oracle") or {}).items():
+        L.append("")
+        L.append(f"Oracle routing `{m}` (gates = one-hot of the category's head; {om['rule']}): "
+                 + ", ".join(f"{c} -> {h}" for c, h in om["heads"].items()) + ".")
     fg = res.get("forgetting_by_method") or {}
     if fg:
         L.append("")
@@ -260,6 +273,38 @@ def markdown(res: dict, plots: list[str]) -> str:
                 for mth, row in rt.items()]  # fmt: skip
         L += md_table(["method", "N", "MI / log N median", "MI / log N max", "token entropy", "usage entropy",
                        "dead heads (per seed)", "B heads abs. cos", "B heads subspace", "warnings"], rows)  # fmt: skip
+        L.append("")
+        tok = {m: row for m, row in rt.items() if row.get("token_mi_median") is not None}
+        if tok:
+            L.append("What else the gates track, token by token: the mutual information between the soft gates and "
+                     "the input token id, the target (next) token id and the position (buckets of 8 tokens), "
+                     "/ log N, estimated like the category MI (plug-in, p(h | v) = mean gate of the tokens with value "
+                     "v). With many distinct tokens and few tokens each, the plug-in estimate is biased upward, so each "
+                     "is shown as plug-in (shuffled) = excess: 'shuffled' is the same estimate with the values "
+                     "permuted at random across the eval tokens (mean of 8 seeded permutations: the bias when gates "
+                     "and values are independent), 'excess' the difference, the part that is routing. 'beyond the "
+                     "category': I(V; H | C) / log N, excess over values shuffled within each category. Padding is "
+                     "left out. The oracle's figures come from the gates it is given.")  # fmt: skip
+            L.append("")
+            cell = lambda row, v: (f"{_fmt(row.get(f'{v}_mi_median'), 3)} ({_fmt(row.get(f'{v}_mi_shuffled_median'), 3)}) "
+                                   f"= {_fmt(row.get(f'{v}_mi_excess_median'), 3)}")  # noqa: E731
+            rows = [[mth, *(cell(row, v) for v in ("token", "target", "position")),
+                     *(_fmt(row.get(f"{v}_mi_given_category_excess_median"), 3) for v in ("token", "target", "position"))]
+                    for mth, row in tok.items()]  # fmt: skip
+            L += md_table(["method", "token: plug-in (shuffled) = excess", "target", "position",
+                           "token beyond category (excess)", "target beyond category", "position beyond category"],
+                          rows)  # fmt: skip
+            L.append("")
+    for m, om in (res.get("oracle") or {}).items():
+        L.append(f"## Oracle routing: `{m}`")
+        L.append("HydraLoRA at the same budget without a router: every sample's gates are the one-hot of its "
+                 "category's head (the upper bound of routing by task), given through `override_gates` in training, "
+                 "evaluation and generation. Its routing row above comes from these gates (every adapted layer "
+                 f"alike). Category -> head map ({om['rule']}):")
+        L.append("")
+        L += md_table(["category", "head"], [[c, h] for c, h in om["heads"].items()])
+        L.append("")
+        L.append("Training examples per head: " + ", ".join(f"{h}: {n}" for h, n in enumerate(om["load"])) + ".")
         L.append("")
     fg = res.get("forgetting_by_method") or {}
     if fg:

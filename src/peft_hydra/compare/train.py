@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import threading
@@ -235,10 +236,27 @@ def check_only_top_adapted(model, first_top_layer: int) -> None:
                 raise AssertionError(f"{name} is trainable outside the decoder layers: the cached path is not exact.")
 
 
+def oracle_gates(wrapper, examples, oracle: Optional[dict]):
+    """The block in which ``wrapper`` runs ``examples`` (one batch): for an oracle method (``oracle``: the map of
+    :func:`~peft_hydra.compare.methods.oracle_head_map`), every sample's gates are the one-hot of its category's
+    head, through the public ``override_gates``; otherwise nothing changes."""
+    if oracle is None:
+        return contextlib.nullcontext()
+    heads = oracle["heads"]
+    unknown = sorted({ex["category"] for ex in examples} - set(heads))
+    if unknown:
+        raise ConfigError(f"Oracle routing: categories {unknown} have no head (they have no training examples); the "
+                          f"map covers {sorted(heads)}. Give every category training examples.")
+    idx = torch.tensor([heads[ex["category"]] for ex in examples], dtype=torch.long)
+    return wrapper.override_gates(torch.eye(int(oracle["num_experts"]))[idx])
+
+
 def train_run(base, spec, peft_config, common, train, eval_sets, cache, first_top_layer, run_cfg, seed, lr,
-              desc, router_by_category=False, extract=None):  # fmt: skip
+              desc, router_by_category=False, extract=None, oracle=None):  # fmt: skip
     """Train one (method, seed, lr) and evaluate. Returns the run's record (see report.py for the fields).
-    ``extract(wrapper)``, when given, is called on the trained model and its value returned as ``"extracted"``."""
+    ``extract(wrapper)``, when given, is called on the trained model and its value returned as ``"extracted"``.
+    ``oracle``: the category -> head map of an oracle method (gates given per sample in training, evaluation and
+    generation)."""
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
@@ -271,11 +289,12 @@ def train_run(base, spec, peft_config, common, train, eval_sets, cache, first_to
             batch, order = [train[i] for i in order[:bs]], order[bs:]
             if aux_fn is not None and spec.kind == "hydra":
                 # token_losses runs parts of the model directly: open the window in which HydraLoRA observes its routers
-                with wrapper.base_model.observation_window():
+                with wrapper.base_model.observation_window(), oracle_gates(wrapper, batch, oracle):
                     ce, _, _ = token_losses(inner, batch, cache, first_top_layer, device)
                 loss = ce.mean() + aux_fn(step=step)
             else:
-                ce, _, _ = token_losses(inner, batch, cache, first_top_layer, device)
+                with oracle_gates(wrapper, batch, oracle):
+                    ce, _, _ = token_losses(inner, batch, cache, first_top_layer, device)
                 loss = ce.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -291,10 +310,11 @@ def train_run(base, spec, peft_config, common, train, eval_sets, cache, first_to
         train_s = time.perf_counter() - t0
         inner.eval()
         evals = {name: evaluate(wrapper, inner, spec, exs, cache, first_top_layer, run_cfg,
-                                router_by_category and name != "general")
+                                router_by_category and name != "general", oracle=oracle if name != "general" else None)
                  for name, exs in eval_sets.items()}  # fmt: skip
         if run_cfg.get("generate") and "eval" in evals:
-            evals["eval"]["generated_correct"] = generate_and_score(inner, eval_sets["eval"], run_cfg)
+            evals["eval"]["generated_correct"] = generate_and_score(
+                inner, eval_sets["eval"], run_cfg, gates=lambda exs: oracle_gates(wrapper, exs, oracle))
         extracted = extract(wrapper) if extract is not None else None
     del wrapper, inner, opt, model_copy
     return {
@@ -309,7 +329,10 @@ def train_run(base, spec, peft_config, common, train, eval_sets, cache, first_to
 
 
 @torch.no_grad()
-def evaluate(wrapper, inner, spec, examples, cache, first_top_layer, run_cfg, router_by_category):
+def evaluate(wrapper, inner, spec, examples, cache, first_top_layer, run_cfg, router_by_category, oracle=None):
+    """Per-example loss and exactness; with ``router_by_category``, the routing report per category (a learned
+    router: observed; an oracle: from the gates it is given). ``general`` text has no category: an oracle runs it
+    with its fixed gates (``oracle=None`` there)."""
     device, bs = run_cfg["device"], int(run_cfg.get("eval_batch_size", run_cfg["batch_size"]))
     routed = router_by_category and spec.kind == "hydra" and hasattr(getattr(wrapper, "base_model", None), "router_stats")
     routed = routed and all(getattr(c, "has_router", False) for c in getattr(wrapper, "peft_config", {}).values())
@@ -320,7 +343,8 @@ def evaluate(wrapper, inner, spec, examples, cache, first_top_layer, run_cfg, ro
     chunks = [(cat, idxs[s : s + bs]) for cat, idxs in by_cat.items() for s in range(0, len(idxs), bs)]
 
     def run(_model, ks):
-        ce, correct, rows = token_losses(inner, [examples[k] for k in ks], cache, first_top_layer, device)
+        with oracle_gates(wrapper, [examples[k] for k in ks], oracle):
+            ce, correct, rows = token_losses(inner, [examples[k] for k in ks], cache, first_top_layer, device)
         for j, k in enumerate(ks):
             sel = rows == j
             losses[k] = float(ce[sel].mean())
@@ -330,19 +354,23 @@ def evaluate(wrapper, inner, spec, examples, cache, first_top_layer, run_cfg, ro
     if not routed:
         for _, ks in chunks:
             run(inner, ks)
+        if oracle is not None and router_by_category:
+            out["routing"] = oracle_routing(oracle, examples)
         return out
     from peft_hydra import observe_routing
 
     # the package's one runner of batches with the routers observed: {layer: {category: mean gate, entropy, tokens}}
-    observed = observe_routing(wrapper, [ks for _, ks in chunks], labels=[cat for cat, _ in chunks], forward=run)
+    ids = [pad([examples[k]["input_ids"] for k in ks], "cpu", value=-1)[0] for _, ks in chunks]  # as the layers see them
+    observed, per_token = observe_routing(wrapper, [ks for _, ks in chunks], labels=[cat for cat, _ in chunks],
+                                          forward=run, token_ids=ids)  # fmt: skip
     out["router"] = {cat: {name: per_cat[cat]["mean_gate"] for name, per_cat in observed.items() if cat in per_cat}
                      for cat in by_cat if any(cat in per_cat for per_cat in observed.values())}  # fmt: skip
     if observed:
-        out["routing"] = routing_by_category(wrapper, observed)
+        out["routing"] = routing_by_category(wrapper, observed, per_token)
     return out
 
 
-def routing_by_category(wrapper, observed: dict) -> dict:
+def routing_by_category(wrapper, observed: dict, per_token: Optional[dict] = None) -> dict:
     """The routing report (``peft_hydra.routing``: per layer the normalised mutual information between category and
     the soft gates, head usage, dead heads, entropies, B-head similarity; median / max over layers) from the
     per-category router statistics of an evaluation (``peft_hydra.observe_routing``: ``{layer: {category:
@@ -352,7 +380,7 @@ def routing_by_category(wrapper, observed: dict) -> dict:
 
     from peft_hydra import routing
 
-    report = routing.report_from_observation(wrapper, observed)
+    report = routing.report_from_observation(wrapper, observed, per_token=per_token)
     layers = report["layers"]
     for st in layers.values():
         st.pop("category_gates", None)
@@ -363,10 +391,44 @@ def routing_by_category(wrapper, observed: dict) -> dict:
     return {"layers": layers, "summary": report["summary"], "num_experts": n, "health": health}
 
 
+def oracle_routing(oracle: dict, examples: list[dict]) -> dict:
+    """The routing report of an oracle method from the gates it is given (one-hot of the category's head for every
+    token of the example, the same in every adapted layer): one row, ``"every adapted layer (oracle gates)"``, with
+    the category mutual information (1 when categories == heads), usage, entropies and dead heads, as
+    :func:`routing_by_category` reports a learned router (its tokens: the examples' tokens, without padding)."""
+    import math
+
+    from peft_hydra import routing
+
+    n = int(oracle["num_experts"])
+    gates, tokens = {}, {}
+    for ex in examples:
+        c = ex["category"]
+        gates[c] = [1.0 if i == oracle["heads"][c] else 0.0 for i in range(n)]
+        tokens[c] = tokens.get(c, 0) + len(ex["input_ids"])
+    st = routing.layer_routing(gates, tokens, {c: 0.0 for c in gates})
+    st.pop("category_gates", None)
+    st.pop("category_tokens", None)
+    # per token: the same figures as a learned router's (token, target, position), from the gates given
+    cats = list(gates)
+    ids = pad([ex["input_ids"] for ex in examples], "cpu", value=-1)[0]
+    v = routing.token_variables(ids)
+    keep = v["token"] >= 0
+    cat = torch.tensor([cats.index(ex["category"]) for ex in examples]).repeat_interleave(ids.shape[1])[keep]
+    per_token_gates = torch.tensor([gates[c] for c in cats])[cat]
+    st.update(routing.token_information(per_token_gates, {k: v[k][keep] for k in routing.TOKEN_VARIABLES}, groups=cat))
+    layers = {"every adapted layer (oracle gates)": st}
+    health = routing.router_health({k: {"mean_gate": v["usage"], "entropy": v["token_entropy"] * math.log(n)}
+                                    for k, v in layers.items()})  # fmt: skip
+    return {"layers": layers, "summary": routing.summarize(layers), "num_experts": n, "health": health,
+            "oracle_map": dict(oracle["heads"])}
+
+
 @torch.no_grad()
-def generate_and_score(inner, examples, run_cfg) -> list:
+def generate_and_score(inner, examples, run_cfg, gates=None) -> list:
     """Per example: True/False (greedy generation, ``generate(do_sample=False)`` with a KV cache, stopped at EOS or
-    by its source's rule and scored by it, see data.generation_rule) or None (not scored)."""
+    by its source's rule and scored by it, see data.generation_rule) or None (not scored). ``gates([example])``:
+    the block each example generates in (an oracle's per-sample gates)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     from . import data as D
@@ -389,10 +451,11 @@ def generate_and_score(inner, examples, run_cfg) -> list:
             out.append(None)
             continue
         prompt = torch.tensor([ex["input_ids"][: ex["n_prompt"]]], dtype=torch.long, device=device)
-        ids = inner.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                             max_new_tokens=int(run_cfg.get("generate_max_new_tokens", 24)) * (8 if rule == "final_number" else 1),
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
-                             stopping_criteria=StoppingCriteriaList([StopRule(rule, prompt.shape[1])]))  # fmt: skip
+        with gates([ex]) if gates is not None else contextlib.nullcontext():
+            ids = inner.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                 max_new_tokens=int(run_cfg.get("generate_max_new_tokens", 24)) * (8 if rule == "final_number" else 1),
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+                                 stopping_criteria=StoppingCriteriaList([StopRule(rule, prompt.shape[1])]))  # fmt: skip
         text = tok.decode(ids[0, prompt.shape[1] :].tolist(), skip_special_tokens=True)
         out.append(bool(D.generated_correct(rule, text, ex["answer"])))
     return out
