@@ -337,3 +337,44 @@ def test_sequence_router_refuses_what_it_cannot_do(tiny_llama, input_ids):
     model.add_adapter("tok", hydra(r=2, num_experts=2))
     model.delete_adapter("default")
     assert not model.base_model._sequence_hooks and not model.base_model.model._forward_pre_hooks
+
+
+def test_centred_router_tracks_the_pooled_mean_in_training_only_and_is_saved(tiny_llama, tmp_path):
+    """router_center: the first training forward sets the centre to the batch mean of the pooled inputs, later ones
+    move it by 0.1; evaluation leaves it; the gates come from the centred pool; it is saved and loaded with the adapter."""
+    torch.manual_seed(0)
+    config = hydra(r=2, num_experts=3, target_modules=["q_proj"], router_scope="sequence", router_cosine=True,
+                   router_center=True, router_pool_tokens=4)  # fmt: skip
+    model = get_peft_model(tiny_llama(), config)
+    layer = next(m for m in model.modules() if isinstance(m, peft_hydra.HydraLoraLayer))
+    router = layer.hydra_router["default"]
+    captured = {}
+    layer.register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0].detach()))
+    ids = torch.randint(3, 30, (3, 9), generator=torch.Generator().manual_seed(1))
+    model.train()
+    model(ids)
+    pooled = captured["x"][:, :4].float().mean(1)  # (B, in): every token real, K = 4
+    assert torch.allclose(router.center, pooled.mean(0), atol=1e-5)
+    first = router.center.clone()
+    ids2 = torch.randint(3, 30, (3, 9), generator=torch.Generator().manual_seed(2))
+    model(ids2)
+    assert torch.allclose(router.center, 0.9 * first + 0.1 * captured["x"][:, :4].float().mean(1).mean(0), atol=1e-5)
+    model.eval()
+    kept = router.center.clone()
+    with torch.no_grad():
+        out = model(ids).logits
+        assert torch.equal(router.center, kept)
+        expected = F.softmax(
+            router.log_scale.exp() * F.cosine_similarity((pooled - kept)[:, None], router.weight[None], dim=-1), -1
+        )
+        assert torch.allclose(router(captured["x"].reshape(-1, captured["x"].shape[-1]), batch=3)[3::9], expected,
+                              atol=1e-5)  # fmt: skip
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, out)
+
+
+def test_router_center_needs_sequence_scope():
+    with pytest.raises(ValueError, match="router_scope='sequence' or router_center=False"):
+        HydraLoraConfig(num_experts=3, router_center=True, target_modules=["q_proj"])

@@ -118,6 +118,13 @@ class HydraLoraConfig(PeftConfig):
                   f"router (initial exp(s) = {COSINE_INIT_SCALE:g}, at most 100), saved with the adapter; the router "
                   "gets a weight of its own (not rows of hydra_A)."},
     )
+    router_center: bool = field(
+        default=False,
+        metadata={"help": "router_scope='sequence' only. True: the router sees the pooled input minus the running "
+                  "mean of the pooled inputs seen in training (a buffer saved with the adapter, updated by training "
+                  "forwards with momentum 0.1), so that prompts differ at the router from the start instead of "
+                  "sharing one large common direction that sends every prompt to the same head."},
+    )
     router_aux_loss_coef: float = field(
         default=0.0,
         metadata={"help": "Weight of the Switch load-balancing loss, added to the model's loss in training (0 = off)."},
@@ -190,6 +197,13 @@ class HydraLoraConfig(PeftConfig):
             )
         if not isinstance(self.router_cosine, bool):
             raise error("router_cosine", "True or False")
+        if not isinstance(self.router_center, bool):
+            raise error("router_center", "True or False")
+        if self.router_center and self.router_scope != "sequence":
+            raise ValueError(
+                "HydraLoraConfig.router_center=True centres the pooled input of a sequence-scope router, but "
+                f"router_scope={self.router_scope!r}: set router_scope='sequence' or router_center=False."
+            )
         if not number(self.router_aux_loss_coef, 0.0):
             raise error("router_aux_loss_coef", "a number >= 0 (0 = off)")
         if not integer(self.router_aux_loss_warmup_steps, 0):

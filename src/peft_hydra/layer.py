@@ -91,7 +91,7 @@ class HydraLoraLayer(BaseTunerLayer):
             self.hydra_router[adapter_name] = HydraRouter(
                 n, None if fused else (self.in_features if on_x else rows), top_k=config.top_k,
                 temperature=config.router_temperature, scope=config.router_scope, pool_tokens=config.router_pool_tokens,
-                cosine=config.router_cosine, cosine_init_scale=COSINE_INIT_SCALE,
+                cosine=config.router_cosine, cosine_init_scale=COSINE_INIT_SCALE, center=config.router_center,
             )  # fmt: skip
         elif n > 1:
             self.hydra_router[adapter_name] = HydraRouter(n, fixed_gates=config.layer_gates(layer_name))

@@ -56,6 +56,7 @@ class HydraRouter(nn.Module):
         pool_tokens: int = 8,
         cosine: bool = False,
         cosine_init_scale: float = 10.0,
+        center: bool = False,
     ) -> None:
         super().__init__()
         self.num_experts = num_experts
@@ -82,6 +83,13 @@ class HydraRouter(nn.Module):
             if in_features is not None:
                 self.weight = nn.Parameter(torch.empty(num_experts, in_features))
                 nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default init
+        if not center:
+            self.center = None
+        else:  # the running mean of the pooled router inputs (saved: evaluation and generation use it)
+            if scope != "sequence" or fixed_gates is not None:
+                raise ValueError("A centred router needs sequence scope and a learned router.")
+            self.register_buffer("center", torch.zeros(in_features if in_features is not None else num_experts))
+            self.register_buffer("center_updates", torch.zeros((), dtype=torch.long))
 
     @property
     def learned(self) -> bool:
@@ -130,12 +138,27 @@ class HydraRouter(nn.Module):
         means, pooled_sum = HF.pool_prefix(x.reshape(batch, length, -1), weights, counts, previous)
         if context is not None:
             self._pooled_sum = pooled_sum.detach()
+        if self.center is not None:
+            if self.training and torch.is_grad_enabled():
+                self._update_center(means[:, -1].detach())
+            means = means - self.center
         logits = self.logits(means)  # (B, L, N)
         gates = HF.hold_last(HF.router_gates(logits, self.top_k, self.temperature), length).reshape(-1, self.num_experts)
         if self.top_k is not None and self.top_k < self.num_experts:
             probs = HF.hold_last(HF.router_probs(logits, self.temperature), length).reshape(-1, self.num_experts)
             self._last_probs = (gates, probs)
         return gates
+
+    @torch.no_grad()
+    def _update_center(self, pooled: torch.Tensor, momentum: float = 0.1) -> None:
+        """The running mean of the pooled inputs (B, d) of training forwards: the first batch's mean, then an
+        exponential moving average (as BatchNorm's running mean)."""
+        batch_mean = pooled.float().mean(0)
+        if int(self.center_updates) == 0:
+            self.center.copy_(batch_mean)
+        else:
+            self.center.lerp_(batch_mean, momentum)
+        self.center_updates += 1
 
     def probs(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """The dense distribution behind ``gates = self(x)`` (for observers: statistics and the balance loss)."""
