@@ -63,12 +63,21 @@ def conflict_inputs(n: int, seed: int = 0, min_words: int = 3, max_words: int = 
 def conflict_records(n_inputs: int = 400, eval_fraction: float = 0.25, seed: int = 0) -> list[dict]:
     """Records ``{"category": task, "split", "prompt", "answer", "input"}`` of every task on every input. The first
     ``eval_fraction`` of the (shuffled) inputs are eval inputs for every task, the rest train inputs."""
+    check_eval_fraction(eval_fraction)
+    return task_records(TASKS, conflict_inputs(n_inputs, seed), eval_fraction)
+
+
+def check_eval_fraction(eval_fraction: float) -> None:
     if not 0 < eval_fraction < 1:
         raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}.")
-    inputs = conflict_inputs(n_inputs, seed)
-    n_eval = max(1, int(round(eval_fraction * n_inputs)))
+
+
+def task_records(tasks: dict, inputs: list[list[str]], eval_fraction: float) -> list[dict]:
+    """Every task (name -> answer of a word list) on every input, the task named first in the prompt; the first
+    ``eval_fraction`` of the inputs are eval inputs for every task, the rest train inputs."""
+    n_eval = max(1, int(round(eval_fraction * len(inputs))))
     recs = []
-    for task, fn in TASKS.items():
+    for task, fn in tasks.items():
         for i, ws in enumerate(inputs):
             text = " ".join(ws)
             recs.append({
@@ -121,8 +130,7 @@ def cipher_records(n_inputs: int = 400, eval_fraction: float = 0.25, seed: int =
     an oracle router can give each task its own head. Train and eval inputs are disjoint (the first
     ``eval_fraction`` of the shuffled inputs are eval inputs for every task); eval inputs are new word combinations,
     every word of which is in training."""
-    if not 0 < eval_fraction < 1:
-        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}.")
+    check_eval_fraction(eval_fraction)
     maps = cipher_maps(n_tasks, vocab, seed)
     words = CIPHER_WORDS[:vocab]
     rng = random.Random(f"cipher-inputs-{seed}")
@@ -132,19 +140,8 @@ def cipher_records(n_inputs: int = 400, eval_fraction: float = 0.25, seed: int =
         if ws not in seen:
             seen.add(ws)
             inputs.append(list(ws))
-    n_eval = max(1, int(round(eval_fraction * n_inputs)))
-    recs = []
-    for task, m in maps.items():
-        for i, ws in enumerate(inputs):
-            text = " ".join(ws)
-            recs.append({
-                "category": task,
-                "split": "eval" if i < n_eval else "train",
-                "prompt": f"Task: {task}\nInput: {text}\nOutput:",
-                "answer": " " + " ".join(m[w] for w in ws),
-                "input": text,
-            })  # fmt: skip
-    return recs
+    tasks = {task: (lambda ws, m=m: " ".join(m[w] for w in ws)) for task, m in maps.items()}
+    return task_records(tasks, inputs, eval_fraction)
 
 
 #: Synthetic built-in sources: name -> (records, short_answer). Short answers: exact-match accuracy is reported.
