@@ -378,3 +378,27 @@ def test_centred_router_tracks_the_pooled_mean_in_training_only_and_is_saved(tin
 def test_router_center_needs_sequence_scope():
     with pytest.raises(ValueError, match="router_scope='sequence' or router_center=False"):
         HydraLoraConfig(num_experts=3, router_center=True, target_modules=["q_proj"])
+
+
+def test_adapters_with_different_pool_sizes_each_pool_their_own_first_tokens_in_cached_generate(tiny_llama):
+    """Two sequence-scope adapters of one model, K = 2 and K = 6, both active: each router pools its own first K
+    real tokens, over the prompt and the decode steps (cached generate() = the uncached loop, left padding = alone)."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), hydra(r=2, num_experts=3, router_scope="sequence", router_pool_tokens=2),
+                           adapter_name="short")  # fmt: skip
+    model.add_adapter("long", hydra(r=2, num_experts=3, router_scope="sequence", router_pool_tokens=6))
+    model.base_model.set_adapter(["short", "long"])
+    model.eval()
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(3, 96, (n,), generator=g) for n in (3, 5)]
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, 5 - len(p):], mask[i, 5 - len(p):] = p, 1
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5,
+                                do_sample=False, pad_token_id=0)  # fmt: skip
+        assert torch.equal(cached, greedy_without_cache(model, ids, mask, 5))
+        for i, p in enumerate(prompts):
+            alone = model.generate(input_ids=p[None], max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+            assert torch.equal(alone[0], cached[i, 5 - len(p):]), i

@@ -51,8 +51,8 @@ def pool_weights(real: Optional[torch.Tensor], pool_tokens: int, done: Optional[
                  length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Which tokens of a chunk of ``length`` positions enter a sequence's pool, and the running pool size.
 
-    ``real`` (B, length): 1 for real tokens, 0 for padding (None: all real); ``done`` (B,): real tokens pooled before
-    this chunk (a decode step of ``generate()``; None: the chunk starts the sequence). A real token enters the pool
+    ``real`` (B, length): 1 for real tokens, 0 for padding (None: all real); ``done`` (B,): real tokens of the sequence
+    before this chunk (a decode step of ``generate()``; None: the chunk starts the sequence). A real token enters the pool
     while fewer than ``pool_tokens`` real tokens precede it. Returns ``weights`` (B, L), 1 where a token enters, and
     ``counts`` (B, L), the pool size up to and including each position, over the first ``L`` positions of the chunk:
     the shortest prefix that holds every entering token (L >= 1); from position L on, the pool no longer changes.
@@ -69,7 +69,7 @@ def pool_weights(real: Optional[torch.Tensor], pool_tokens: int, done: Optional[
     columns = weights.any(0).nonzero()
     n = int(columns[-1]) + 1 if len(columns) else 1
     weights = weights[:, :n]
-    counts = weights.cumsum(1) if done is None else weights.cumsum(1) + done.float().unsqueeze(1)
+    counts = weights.cumsum(1) if done is None else weights.cumsum(1) + done.float().clamp(max=pool_tokens).unsqueeze(1)
     return weights, counts
 
 

@@ -59,7 +59,7 @@ class HydraLoraModel(RouterObservation, BaseTuner):
         self._init_observation()
         self._sequence_hooks: list = []
         self._sequence_routers: list = []
-        self._pooled_done: Optional[torch.Tensor] = None  # real tokens pooled per sample so far (sequence scope)
+        self._pooled_done: Optional[torch.Tensor] = None  # real tokens per sample so far (sequence scope)
         super().__init__(model, peft_config, adapter_name, **kwargs)
 
     def _create_and_replace(self, config: HydraLoraConfig, adapter_name: str, target: nn.Module, target_name: str,
@@ -205,15 +205,15 @@ class HydraLoraModel(RouterObservation, BaseTuner):
                 )
         if real is not None and bool(real.all()) and done is None:
             real = None  # no padding: the sync-free path of pool_weights
-        pool = self._sequence_routers[0].pool_tokens
-        weights, counts = HF.pool_weights(real, pool, done, batch, length, tokens.device)
-        self._pooled_done = counts[:, -1]
-        context = SequenceContext(batch, length, weights, counts, continuing)
+        contexts: dict[int, SequenceContext] = {}  # one per pool size (adapters may differ in router_pool_tokens)
         for router in self._sequence_routers:
-            if router.pool_tokens != pool:
-                w, c = HF.pool_weights(real, router.pool_tokens, done, batch, length, tokens.device)
-                context = SequenceContext(batch, length, w, c, continuing)
-            router.sequence = context
+            pool = router.pool_tokens
+            if pool not in contexts:
+                weights, counts = HF.pool_weights(real, pool, done, batch, length, tokens.device)
+                contexts[pool] = SequenceContext(batch, length, weights, counts, continuing)
+            router.sequence = contexts[pool]
+        seen = torch.full((batch,), length, device=tokens.device) if real is None else real.sum(1)
+        self._pooled_done = seen if done is None else done + seen  # real tokens so far (any pool size reads it)
 
     def _sequence_exit(self) -> None:
         model = self.model
