@@ -104,6 +104,9 @@ def method_specs(methods: list, method_options: dict) -> list[MethodSpec]:
                               f"(base hydralora...) can be routed by category; got oracle={oracle!r} on {base!r}.")
         if oracle and int(opts.get("num_experts", 2)) < 2:
             raise ConfigError(f"Method {name!r}: oracle routing needs num_experts >= 2 (one head per group of categories).")
+        if oracle and not fixed.get("oracle"):
+            desc += (" Routed by the oracle: every sample's gates are the one-hot of its category's head (its router, "
+                     "if any, is not used and gets no gradient; its parameters count in the budget).")
         specs.append(MethodSpec(name=name, kind=kind, options=opts, description=desc, base=base, oracle=oracle))
     if not specs:
         raise ConfigError("`methods` is empty: list at least one of " + ", ".join(METHODS) + ".")
