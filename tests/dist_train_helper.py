@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--accelerate-config", help="an `accelerate launch` config file with a DeepSpeed section")
     parser.add_argument("--ds-config", help="a DeepSpeed JSON config file")
     parser.add_argument("--persistence-threshold", type=int, help="ZeRO-3 stage3_param_persistence_threshold")
+    parser.add_argument("--router", choices=["token", "sequence"], default="token",
+                        help="sequence: a centred cosine sequence-scope router (its own weight, log-scale and centre)")
     args = parser.parse_args()
 
     from accelerate import Accelerator
@@ -50,9 +52,10 @@ def main() -> None:
     from conftest import VOCAB, make_tiny_llama
 
     torch.manual_seed(0)
+    sequence = {"router_scope": "sequence", "router_cosine": True, "router_center": True, "router_pool_tokens": 4}
     config = peft_hydra.HydraLoraConfig(
         r=4, lora_alpha=8, num_experts=3, top_k=1, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
-        init_weights=False,
+        init_weights=False, **(sequence if args.router == "sequence" else {}),
     )  # fmt: skip
     model = get_peft_model(make_tiny_llama(), config)
     model.train()

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_train_helper.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _free_port() -> int:
@@ -50,6 +51,24 @@ def _assert_same_training(reference, result):
     assert result["losses"] == pytest.approx(reference["losses"], rel=1e-5)
 
 
+@pytest.fixture(scope="module")
+def single_sequence(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("single_sequence"), "--router", "sequence")[0]
+
+
+@pytest.mark.parametrize("mode, extra", [("fsdp", []), ("deepspeed", ["--accelerate-config", "configs/accelerate_deepspeed_zero3.yaml"])],
+                         ids=["fsdp2", "zero3"])
+def test_sequence_router_in_two_processes_matches_single_process(single_sequence, tmp_path, mode, extra):
+    """The sequence-scope router (a cosine router with its own weight and learned scale, its centre buffer) under
+    engines that shard and gather parameters on call: trains as one process does."""
+    if mode == "deepspeed":
+        pytest.importorskip("deepspeed")
+    extra = [os.path.join(ROOT, c) if c.endswith(".yaml") else c for c in extra]
+    ranks = _run(tmp_path, "--mode", mode, "--router", "sequence", *extra, nproc=2)
+    assert any("hydra_router" in k and k.endswith(".weight") for k in single_sequence["adapter"])
+    _assert_same_training(single_sequence, ranks[0])
+
+
 def test_ddp_two_processes_match_single_process(single, tmp_path):
     ranks = _run(tmp_path, "--mode", "ddp", nproc=2)
     assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["backend"] == "gloo"
@@ -65,9 +84,6 @@ def test_fsdp2_two_processes_match_single_process(single, tmp_path):
     ranks = _run(tmp_path, "--mode", "fsdp", nproc=2)
     assert ranks[0]["dtensor_params"] > 0  # the parameters really are sharded
     _assert_same_training(single, ranks[0])
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow

@@ -75,7 +75,8 @@ class HydraRouter(nn.Module):
         if cosine and (fixed_gates is not None or in_features is None):
             raise ValueError("A cosine router needs a weight of its own: give in_features and no fixed_gates.")
         if cosine:
-            self.log_scale = nn.Parameter(torch.tensor(math.log(cosine_init_scale)))
+            # shape (1,), not a scalar: FSDP2 (fully_shard) refuses 0-d parameters
+            self.log_scale = nn.Parameter(torch.tensor([math.log(cosine_init_scale)]))
         if fixed_gates is not None:
             self.register_buffer("fixed_gates", fixed_gates.reshape(num_experts), persistent=False)
         else:
@@ -152,8 +153,13 @@ class HydraRouter(nn.Module):
     @torch.no_grad()
     def _update_center(self, pooled: torch.Tensor, momentum: float = 0.1) -> None:
         """The running mean of the pooled inputs (B, d) of training forwards: the first batch's mean, then an
-        exponential moving average (as BatchNorm's running mean)."""
-        batch_mean = pooled.float().mean(0)
+        exponential moving average (as BatchNorm's running mean). Under data parallelism (torch.distributed
+        initialised) the mean is over every process's batch (one all-reduce, as SyncBatchNorm), so every rank keeps the
+        same centre and training matches one process on the whole batch."""
+        total = torch.cat([pooled.float().sum(0), pooled.new_full((1,), pooled.shape[0], dtype=torch.float32)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+        batch_mean = total[:-1] / total[-1]
         if int(self.center_updates) == 0:
             self.center.copy_(batch_mean)
         else:
