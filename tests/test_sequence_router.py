@@ -402,3 +402,27 @@ def test_adapters_with_different_pool_sizes_each_pool_their_own_first_tokens_in_
         for i, p in enumerate(prompts):
             alone = model.generate(input_ids=p[None], max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
             assert torch.equal(alone[0], cached[i, 5 - len(p):]), i
+
+
+def test_sequence_router_on_a_bf16_base_trains_and_generates_like_its_uncached_loop(tiny_llama):
+    """A bf16 base model with a centred cosine sequence router: the adapter stays fp32 (PEFT's autocast), a training
+    step gives finite losses and gradients to the router (weight and scale), the centre is tracked in fp32, and
+    cached generation equals the uncached greedy loop."""
+    torch.manual_seed(0)
+    base = tiny_llama().to(torch.bfloat16)
+    model = get_peft_model(base, hydra(r=2, num_experts=3, router_scope="sequence", router_cosine=True,
+                                       router_center=True, router_pool_tokens=4))  # fmt: skip
+    router = layers_of(model)[0][1].hydra_router["default"]
+    assert router.weight.dtype == torch.float32 and router.center.dtype == torch.float32
+    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and int(router.center_updates) == 1 and torch.isfinite(router.center).all()
+    assert router.weight.grad.abs().sum() > 0 and router.log_scale.grad.abs().sum() > 0
+    model.eval()
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4,
+                                do_sample=False, pad_token_id=0)  # fmt: skip
+        assert torch.equal(cached, greedy_without_cache(model, ids, mask, 4))

@@ -97,6 +97,9 @@ class HydraLoraLayer(BaseTunerLayer):
             self.hydra_router[adapter_name] = HydraRouter(n, fixed_gates=config.layer_gates(layer_name))
         self.reset_hydra_parameters(adapter_name, config)
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        router = self.hydra_router[adapter_name] if adapter_name in self.hydra_router else None
+        if router is not None and router.center is not None:  # a running mean stays fp32 on a bf16/fp16 base
+            router.center.data = router.center.data.float()
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def reset_hydra_parameters(self, adapter_name: str, config: HydraLoraConfig) -> None:

@@ -23,7 +23,7 @@ from .config import check_gate_layers, no_exact_merge_message
 from .layer import HydraLoraLayer, Linear
 from . import functional as HF
 from .observation import RouterObservation
-from .router import SequenceContext
+from .router import STALE_CACHE, SequenceContext
 
 TARGET_MODULE_MAPPING = {
     **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
@@ -197,12 +197,7 @@ class HydraLoraModel(RouterObservation, BaseTuner):
         if continuing:
             done = self._pooled_done
             if done is None or done.shape[0] != batch:
-                raise ValueError(
-                    "router_scope='sequence': this forward continues a KV cache whose prompt the routers did not see "
-                    "(no pooled state for a batch of this size). Run the prompt through the model first (generate() "
-                    "does); beam search reorders the cache in a way the routers do not follow when a prompt is shorter "
-                    "than router_pool_tokens."
-                )
+                raise ValueError(STALE_CACHE)
         if real is not None and bool(real.all()) and done is None:
             real = None  # no padding: the sync-free path of pool_weights
         contexts: dict[int, SequenceContext] = {}  # one per pool size (adapters may differ in router_pool_tokens)

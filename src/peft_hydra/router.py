@@ -22,6 +22,15 @@ from torch import nn
 from . import functional as HF
 
 
+#: A decode step whose prompt the sequence routers did not pool (checked by the tuner per forward, by a router for
+#: itself: e.g. an adapter added after the prompt ran).
+STALE_CACHE = (
+    "router_scope='sequence': this forward continues a KV cache whose prompt the routers did not see (no pooled state "
+    "for a batch of this size). Run the prompt through the model first (generate() does); beam search reorders the "
+    "cache in a way the routers do not follow when a prompt is shorter than router_pool_tokens."
+)
+
+
 class SequenceContext:
     """The sequences of one forward of the wrapped model, shared by its sequence-scope routers (set by the tuner's
     pre-hook on the model): ``batch`` samples of ``length`` positions, the pool ``weights`` and ``counts`` (B, L) of
@@ -131,11 +140,7 @@ class HydraRouter(nn.Module):
             if context.continuing:
                 previous = self._pooled_sum
                 if previous is None or previous.shape[0] != batch:
-                    raise ValueError(
-                        "A sequence-scope HydraLoRA router was asked to continue a KV cache it did not start (no pooled "
-                        "state for this batch): run the prompt through the model first (generate() does), with the "
-                        "same batch; beam reordering of the cache is not followed (see HydraLoraConfig.router_scope)."
-                    )
+                    raise ValueError(STALE_CACHE)
         means, pooled_sum = HF.pool_prefix(x.reshape(batch, length, -1), weights, counts, previous)
         if context is not None:
             self._pooled_sum = pooled_sum.detach()
@@ -160,10 +165,8 @@ class HydraRouter(nn.Module):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(total)
         batch_mean = total[:-1] / total[-1]
-        if int(self.center_updates) == 0:
-            self.center.copy_(batch_mean)
-        else:
-            self.center.lerp_(batch_mean, momentum)
+        # the first update takes the batch mean (weight 1), later ones move by momentum: no host sync to decide
+        self.center.lerp_(batch_mean, torch.where(self.center_updates == 0, 1.0, momentum))
         self.center_updates += 1
 
     def probs(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
